@@ -1,0 +1,90 @@
+"""Build the Celery app luigi-celery runs on.
+
+There is no hidden global app: the CLI builds one from its settings and
+passes it around.  For ``celery -A luigi_celery.app worker`` (and Flower),
+the module attribute ``app`` is built from the environment the first time
+someone asks for it, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
+from luigi_celery.execute import register_execute
+from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
+
+# Celery's own queue priority range, used on RabbitMQ (x-max-priority).
+MAX_PRIORITY = 10
+
+
+def embedded_transport_options(folder: str) -> dict[str, Any]:
+    """kombu filesystem transport options for an embedded broker in ``folder``."""
+    messages = os.path.join(folder, "messages")
+    processed = os.path.join(folder, "processed")
+    for path in (messages, processed):
+        os.makedirs(path, exist_ok=True)
+    return {
+        "data_folder_in": messages,
+        "data_folder_out": messages,
+        "processed_folder": processed,
+        "control_folder": os.path.join(folder, "control"),
+        "polling_interval": EMBEDDED_POLLING_INTERVAL,
+    }
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``, with the execute task registered.
+
+    For the embedded default, ``settings.embedded_dir`` must name the folder
+    the broker lives in (the dispatcher creates it).
+    """
+    broker_url, transport, transport_options = settings.broker_url, None, {}
+    if settings.embedded:
+        if not settings.embedded_dir:
+            raise ValueError("the embedded broker needs settings.embedded_dir")
+        broker_url, transport = "filesystem://", EMBEDDED_TRANSPORT
+        transport_options = embedded_transport_options(settings.embedded_dir)
+    transport_options.update(settings.broker_transport_options)
+
+    app = Celery("luigi_celery", set_as_current=False)
+    app.conf.update(
+        broker_url=broker_url,
+        broker_transport=transport,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        result_backend=settings.result_backend,
+        task_ignore_result=settings.result_backend is None,
+        # JSON only, both ways: a pickle on the queue is refused before it is decoded.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=settings.queue,
+        task_queue_max_priority=MAX_PRIORITY,
+        # At-least-once: acknowledge after the task ran; one message per process at a time.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Events for Flower, and the include list is imported before the pool forks.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        include=list(settings.task_modules),
+    )
+    register_execute(app, settings.task_modules)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A luigi_celery.app`: build the module-level app from the environment, once.
+    if name == "app":
+        settings = load_settings()
+        if settings.embedded:
+            raise RuntimeError("set LUIGI_CELERY_BROKER_URL to use luigi_celery.app with the celery command")
+        built = make_app(settings)
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)

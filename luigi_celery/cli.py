@@ -1,0 +1,202 @@
+"""``luigi-celery``: run a pipeline, start a worker, start Flower, check the pool.
+
+The CLI only parses, builds the settings and calls the library.  ``run``
+parses luigi-celery's own flags (never abbreviated, so they cannot shadow a
+task parameter) and hands everything else to Luigi's own command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.settings import Settings, load_settings, redact
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1  # `check`: the broker or the workers do not answer
+EXIT_USAGE = 2  # a bad flag, a bad setting, an unreachable broker
+
+# Luigi flags that choose a central scheduler; without one, `run` uses the local scheduler.
+_SCHEDULER_FLAGS = ("--local-scheduler", "--scheduler-url", "--scheduler-host", "--scheduler-port")
+
+
+# Flags of the `celery` command itself (not of `celery worker`) that `worker` accepts too.
+_CELERY_GLOBAL_FLAGS = ("--quiet", "-q", "--no-color")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker", dest="broker_url", metavar="URL", help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL)"
+    )
+    parser.add_argument(
+        "--result-backend",
+        metavar="URL",
+        help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND)",
+    )
+    parser.add_argument(
+        "--queue", metavar="NAME", help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')"
+    )
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="luigi-celery", allow_abbrev=False, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        allow_abbrev=False,
+        help="run a Luigi pipeline on Celery workers (Luigi's own flags and task parameters follow)",
+    )
+    _add_connection_flags(run)
+    run.add_argument(
+        "--connect-timeout", type=_positive_float, metavar="SECONDS", help="give up reaching the broker after this long"
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        allow_abbrev=False,
+        add_help=False,
+        help="start a Celery worker for luigi-celery (celery worker options follow)",
+    )
+    _add_connection_flags(worker)
+    worker.add_argument(
+        "--include", nargs="+", action="extend", metavar="MODULE", help="modules whose tasks this worker may run"
+    )
+
+    flower = commands.add_parser(
+        "flower", allow_abbrev=False, add_help=False, help="start Flower (flower options follow)"
+    )
+    _add_connection_flags(flower)
+
+    check = commands.add_parser(
+        "check", allow_abbrev=False, help="exit 0 when the broker and at least one worker answer"
+    )
+    _add_connection_flags(check)
+    check.add_argument(
+        "--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help="how long to wait for answers"
+    )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "broker_url": args.broker_url,
+        "result_backend": args.result_backend,
+        "queue": args.queue,
+        "connect_timeout": getattr(args, "connect_timeout", None),
+    }
+    include = getattr(args, "include", None)
+    if include:
+        overrides["task_modules"] = tuple(include)
+    return load_settings(overrides)
+
+
+def _has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _wants_central_scheduler(argv: Sequence[str]) -> bool:
+    import luigi.configuration
+
+    if any(_has_flag(argv, f) for f in _SCHEDULER_FLAGS):
+        return True
+    config = luigi.configuration.get_config()
+    return any(config.has_option("core", key) for key in ("default-scheduler-url", "default-scheduler-host"))
+
+
+def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
+    from luigi_celery.run import run_pipeline
+
+    # Like `python -m` and `celery -A`: the pipeline's modules import from the current folder.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    settings = _settings(args)
+    if not _wants_central_scheduler(luigi_argv):
+        luigi_argv = [*luigi_argv, "--local-scheduler"]
+    return run_pipeline(settings, luigi_argv)
+
+
+def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
+    from luigi_celery.app import make_app
+
+    settings = _settings(args)
+    if settings.embedded and not settings.embedded_dir:
+        raise LuigiCeleryError("no broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
+    if not settings.task_modules:
+        raise LuigiCeleryError("no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    app = make_app(settings)
+    # Celery's global options go before the sub-command.
+    hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
+    app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
+    return EXIT_OK
+
+
+def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
+    from luigi_celery.app import make_app
+
+    settings = _settings(args)
+    if settings.embedded:
+        raise LuigiCeleryError("Flower needs a broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
+    make_app(settings).start(["flower", *flower_argv])
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from luigi_celery.app import make_app
+    from luigi_celery.sender import check_broker
+
+    settings = _settings(args)
+    if settings.embedded:
+        print("luigi-celery check: no broker configured (the embedded default needs no check)", file=sys.stderr)
+        return EXIT_PROBLEM
+    app = make_app(settings)
+    check_broker(app, args.timeout)
+    replies = app.control.ping(timeout=args.timeout)
+    if not replies:
+        print(
+            f"luigi-celery check: broker {redact(settings.broker_url)} answers, but no worker replied", file=sys.stderr
+        )
+        return EXIT_PROBLEM
+    names = sorted(name for reply in replies for name in reply)
+    print(
+        f"luigi-celery check: broker {redact(settings.broker_url)} answers; {len(names)} worker(s): {', '.join(names)}"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_argument_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "check" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "run":
+            return cmd_run(args, rest)
+        if args.command == "worker":
+            return cmd_worker(args, rest)
+        if args.command == "flower":
+            return cmd_flower(args, rest)
+        return cmd_check(args)
+    except LuigiCeleryError as e:
+        print(f"luigi-celery {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if args.command != "check" else EXIT_PROBLEM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

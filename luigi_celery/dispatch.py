@@ -1,0 +1,281 @@
+"""The Luigi seam: a Luigi worker whose "processes" are Celery messages.
+
+This is the ONLY module that touches Luigi's private API:
+``Worker._create_task_process``, ``Worker._task_result_queue``,
+``Worker._scheduled_tasks``, ``interface._WorkerSchedulerFactory``,
+``interface._run`` and ``execution_summary._summary_dict/_root_task``.
+``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
+:class:`CeleryTaskProcess`, so a Luigi upgrade fails there, loudly.
+
+Luigi keeps doing everything else: resolving the DAG, asking its scheduler
+for work, keeping ``--workers`` tasks in flight, handling results, dynamic
+dependencies, the execution summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+import luigi
+import luigi.execution_summary
+import luigi.interface
+import luigi.retcodes
+import luigi.worker
+from luigi.cmdline_parser import CmdlineParser
+from luigi.event import Event
+from luigi.setup_logging import InterfaceLogging
+
+from luigi_celery import message as m
+from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.sender import Sender
+
+logger = logging.getLogger(__name__)
+
+# luigi-celery's exit codes, set through Luigi's own [retcode] section (the
+# values Luigi's docs recommend) unless the user set them: Luigi's built-in
+# defaults exit 0 when a task failed.
+RETCODE_DEFAULTS = {
+    "already_running": 10,
+    "missing_data": 20,
+    "not_run": 25,
+    "task_failed": 30,
+    "scheduling_error": 35,
+    "unhandled_exception": 40,
+}
+
+# status field of a reply -> the method of Luigi's TaskStatusReporter that applies it
+_REPORTER_METHODS = {
+    "status_message": "update_status_message",
+    "progress_percentage": "update_progress_percentage",
+    "tracking_url": "update_tracking_url",
+    "decrease_running_resources": "decrease_running_resources",
+}
+
+
+class ResultQueue:
+    """Stands in for the worker's ``_task_result_queue``.
+
+    The watcher thread puts Luigi's result tuples here, and also callables
+    (status updates, events) that must run in Luigi's main thread: ``get()``
+    runs those as it meets them, so the scheduler is only ever called from
+    the thread Luigi calls it from.
+    """
+
+    def __init__(self) -> None:
+        self._items: queue.Queue[Any] = queue.Queue()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._items.put(item)
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        self._items.put(fn)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            item = self._items.get(block=block, timeout=remaining)
+            if not callable(item):
+                return item
+            try:
+                item()
+            except Exception:
+                logger.exception("a status update failed")
+
+    def close(self) -> None:
+        """Luigi's Worker.__exit__ closes the queue; there is nothing to release."""
+
+
+class CeleryTaskProcess:
+    """What Luigi thinks is the process running one task: really one Celery message.
+
+    ``run()`` (Luigi calls it in its main loop, since ``use_multiprocessing``
+    is False) publishes and returns at once; the outcome arrives later on the
+    result queue, put there by the watcher thread.
+    """
+
+    use_multiprocessing = False
+    # Celery enforces worker_timeout (soft + hard time limit) on the worker, so
+    # Luigi's own timer stays off: time spent queued must not count.
+    timeout_time = None
+
+    def __init__(
+        self,
+        task: luigi.Task,
+        sender: Sender,
+        results: ResultQueue,
+        status_reporter: luigi.worker.TaskStatusReporter,
+        worker_timeout: float | None,
+        on_failed: Callable[[str, m.ResultMessage], None],
+    ) -> None:
+        self.task = task
+        self.status_reporter = status_reporter
+        self.worker_timeout = worker_timeout
+        self._sender = sender
+        self._results = results
+        self._on_failed = on_failed
+        self._finished = False
+
+    @property
+    def exitcode(self) -> int | None:
+        # Failures arrive as result tuples, never as an exit code, so Luigi's
+        # "died unexpectedly" path never fires twice for one task.
+        return None
+
+    def run(self) -> None:
+        self._sender.send(self)
+
+    start = run
+
+    def is_alive(self) -> bool:
+        return not self._finished
+
+    def terminate(self) -> None:
+        self._sender.revoke(self)
+
+    # Flight callbacks: called from the watcher thread (or from run() on a refusal).
+
+    def on_result(self, result: m.ResultMessage) -> None:
+        self._finished = True
+        if result.status == m.FAILED:
+            self._on_failed(self.task.task_id, result)
+        if result.event == "timeout":
+            self._results.call_soon(functools.partial(self.task.trigger_event, Event.TIMEOUT, self.task, result.expl))
+        self._results.put(result.luigi_tuple())
+
+    def on_status(self, status: m.StatusMessage) -> None:
+        apply = getattr(self.status_reporter, _REPORTER_METHODS[status.field])
+        self._results.call_soon(functools.partial(apply, status.value))
+
+
+class CeleryWorker(luigi.worker.Worker):
+    """A Luigi worker that dispatches every task it is given to Celery."""
+
+    def __init__(
+        self,
+        scheduler: Any = None,
+        worker_id: str | None = None,
+        worker_processes: int = 1,
+        assistant: bool = False,
+        *,
+        sender: Sender,
+        on_start: Callable[[set[str]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scheduler, worker_id, worker_processes, assistant, **kwargs)
+        self._task_result_queue.close()  # the multiprocessing queue Luigi made: not needed
+        self._task_result_queue = ResultQueue()
+        self._sender = sender
+        self._on_start = on_start
+        sender.check_unfulfilled_deps = self._config.check_unfulfilled_deps
+        sender.check_complete_on_run = self._config.check_complete_on_run
+        # task id -> the last failed result, for the CLI to print after the summary
+        self.failures: dict[str, m.ResultMessage] = {}
+
+    def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess:
+        reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
+        timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
+        return CeleryTaskProcess(
+            task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure
+        )
+
+    def _record_failure(self, task_id: str, result: m.ResultMessage) -> None:
+        self.failures[task_id] = result
+
+    def run(self) -> bool:
+        if self._on_start is not None:
+            self._on_start({t.task_module for t in self._scheduled_tasks.values()})
+        return bool(super().run())
+
+    def __exit__(self, type_: Any, value: Any, traceback: Any) -> bool:
+        try:
+            return bool(super().__exit__(type_, value, traceback))
+        finally:
+            self._sender.close()
+
+
+class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
+    """Makes Luigi build a :class:`CeleryWorker` instead of its own worker.
+
+    ``on_worker`` is called with the worker count before the worker exists
+    (the CLI starts the sender and, embedded, the worker pool there).
+    """
+
+    def __init__(
+        self,
+        sender: Sender,
+        on_worker: Callable[[int], None] | None = None,
+        on_start: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        self.sender = sender
+        self.on_worker = on_worker
+        self.on_start = on_start
+        self.worker: CeleryWorker | None = None
+
+    def create_worker(self, scheduler: Any, worker_processes: int, assistant: bool = False) -> CeleryWorker:
+        if self.on_worker is not None:
+            self.on_worker(worker_processes)
+        self.worker = CeleryWorker(
+            scheduler=scheduler,
+            worker_processes=worker_processes,
+            assistant=assistant,
+            sender=self.sender,
+            on_start=self.on_start,
+        )
+        return self.worker
+
+
+def failed_task_ids(worker: luigi.worker.Worker) -> set[str]:
+    """Ids of the tasks Luigi's execution summary lists as failed."""
+    return {task.task_id for task in luigi.execution_summary._summary_dict(worker).get("failed", ())}
+
+
+def apply_retcode_defaults() -> None:
+    """Give Luigi's [retcode] section luigi-celery's defaults, keeping any the user set."""
+    config = luigi.configuration.get_config()
+    if not config.has_section("retcode"):
+        config.add_section("retcode")
+    for name, code in RETCODE_DEFAULTS.items():
+        if not config.has_option("retcode", name):
+            config.set("retcode", name, str(code))
+
+
+def run_with_retcodes(argv: list[str], factory: CeleryWorkerSchedulerFactory) -> int:
+    """Luigi's ``run_with_retcodes``, with our worker factory; returns the exit code.
+
+    Errors of luigi-celery itself (an unreachable broker, a bad setting) are
+    raised, so the CLI can print them as one line.
+    """
+    apply_retcode_defaults()
+    with CmdlineParser.global_instance(argv):
+        retcodes = luigi.retcodes.retcode()
+    try:
+        worker = luigi.interface._run(argv, worker_scheduler_factory=factory).worker
+    except luigi.interface.PidLockAlreadyTakenExit:
+        return int(retcodes.already_running)
+    except LuigiCeleryError:
+        raise
+    except Exception:
+        InterfaceLogging.setup(luigi.interface.core())
+        logging.getLogger("luigi-interface").exception("Uncaught exception in luigi")
+        return int(retcodes.unhandled_exception)
+
+    with CmdlineParser.global_instance(argv):
+        task_sets = luigi.execution_summary._summary_dict(worker)
+        root_task = luigi.execution_summary._root_task(worker)
+    found = {name for name, tasks in task_sets.items() if tasks}
+    code = max(
+        retcodes.missing_data * ("still_pending_ext" in found),
+        retcodes.task_failed * ("failed" in found),
+        retcodes.already_running * ("run_by_other_worker" in found),
+        retcodes.scheduling_error * ("scheduling_error" in found),
+        retcodes.not_run * ("not_run" in found),
+    )
+    if code == 0 and root_task not in task_sets["completed"] and root_task not in task_sets["already_done"]:
+        return int(retcodes.not_run)
+    return int(code)

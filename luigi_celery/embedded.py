@@ -1,0 +1,122 @@
+"""The embedded default: a real Celery worker pool with no server to run.
+
+With no broker configured, the dispatcher makes a private folder, points
+kombu's ``filesystem://`` transport at it, and starts ``luigi-celery worker``
+as a child process with a prefork pool of ``--workers`` processes.  Tasks take
+exactly the path they take in the distributed mode (JSON message, worker
+process, reply queue), so a pipeline that works embedded works distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from time import monotonic
+from typing import Any
+
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
+
+from luigi_celery.settings import ENV_PREFIX
+
+logger = logging.getLogger(__name__)
+
+# When the run is over the pool gets this long to exit before it is killed. Killing
+# loses nothing: the run has nothing left in flight (or was interrupted, when stock
+# Luigi terminates its task processes too), and the broker folder is private to the run.
+# A warm shutdown of an idle prefork pool on this transport takes about 5 s.
+STOP_GRACE = 1.0
+
+
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, writing each message atomically.
+
+    kombu creates the message file empty and then writes it, while a reader
+    moves and reads any file it sees, so a reader can catch an empty or
+    half-written message and its consumer dies on a JSON decode error
+    (celery/kombu#1551).  Writing to a temporary name and renaming it into
+    place (atomic on POSIX) means a reader only ever sees whole messages.
+    """
+
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        partial = os.path.join(self.data_folder_out, f"partial-{uuid.uuid4().hex}")
+        try:
+            with open(partial, "wb") as f:
+                f.write(dumps(payload).encode())
+            os.rename(partial, os.path.join(self.data_folder_out, name))
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot add message to {self.data_folder_out!r}") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    """The embedded broker's transport: kombu's filesystem transport with atomic writes."""
+
+    Channel = _AtomicFilesystemChannel
+
+
+TRANSPORT = f"{__name__}:{AtomicFilesystemTransport.__name__}"
+
+
+def make_embedded_dir() -> str:
+    return tempfile.mkdtemp(prefix="luigi-celery-embedded-")
+
+
+class EmbeddedWorker:
+    """A ``luigi-celery worker`` child process on the embedded broker in ``folder``."""
+
+    def __init__(self, folder: str, concurrency: int, modules: set[str], queue: str) -> None:
+        self.folder = folder
+        self.concurrency = max(1, concurrency)
+        self.modules = sorted(modules)
+        self.queue = queue
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "luigi_celery", "worker",
+            "--include", *self.modules,
+            "--queue", self.queue,
+            "--concurrency", str(self.concurrency),
+            "--pool", "prefork",
+            "--loglevel", "WARNING", "--quiet",
+            "--without-heartbeat", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.pop(ENV_PREFIX + "BROKER_URL", None)
+        env[ENV_PREFIX + "EMBEDDED_DIR"] = self.folder
+        # The worker imports the pipeline the way the dispatcher did: from the current folder.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+        # A session of its own: the whole pool can be stopped as one process group,
+        # and a Ctrl-C in the terminal reaches the dispatcher, which decides.
+        self._process = subprocess.Popen(self.command(), env=env, start_new_session=True)
+        logger.debug("embedded worker pid %s: %s", self._process.pid, " ".join(self.command()))
+
+    def problem(self) -> str | None:
+        """None while the worker runs; otherwise why it cannot serve tasks."""
+        if self._process is None or self._process.poll() is None:
+            return None
+        return f"the embedded Celery worker exited with code {self._process.returncode}"
+
+    def stop(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.send_signal(signal.SIGTERM)
+                try:
+                    self._process.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)  # the pool's children too
+            except ProcessLookupError:
+                pass
+            self._process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,35 @@
+"""The exceptions luigi-celery raises.
+
+Everything derives from :class:`LuigiCeleryError`, so a caller can catch one
+type.  Errors from kombu, redis or Celery are wrapped at the boundary
+(``raise ... from e``): users never have to catch a kombu type.
+"""
+
+from __future__ import annotations
+
+
+class LuigiCeleryError(Exception):
+    """Root of every error luigi-celery raises."""
+
+
+class ConfigError(LuigiCeleryError):
+    """A setting, flag or per-task option is missing or invalid."""
+
+
+class BrokerUnavailable(LuigiCeleryError):
+    """The broker could not be reached (the URL in the message has its password hidden)."""
+
+
+class MessageError(LuigiCeleryError):
+    """A message on the broker is not a valid luigi-celery message."""
+
+
+class DispatchRefused(LuigiCeleryError):
+    """A Luigi task cannot travel to a remote worker (it could not be rebuilt there).
+
+    Raised before anything is sent; the message names the task and the reason.
+    """
+
+
+class TaskNotAllowed(LuigiCeleryError):
+    """A message asks a worker to run a task from a module outside its allowlist."""

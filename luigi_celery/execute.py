@@ -1,0 +1,224 @@
+"""The worker side: run one Luigi task from a JSON message.
+
+The task is rebuilt from (module, family, str params) and run through
+Luigi's own :class:`luigi.worker.TaskProcess` logic in this process, so
+dynamic dependencies, the missing-dependency check, events and
+``on_success`` / ``on_failure`` behave exactly as under ``luigi --workers N``.
+The outcome goes back to the dispatcher's reply queue as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import luigi.worker
+from celery import Celery, Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from luigi.task_register import TaskClassException
+
+from luigi_celery import message as m
+from luigi_celery.errors import MessageError
+from luigi_celery.results import publish_reply
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
+    """True when ``module`` is in the allowlist or inside an allowed package."""
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def timeout_explanation(task_id: str, seconds: float | int | None) -> str:
+    # The same words stock Luigi uses for a task it kills on worker_timeout.
+    return f"Task {task_id} timed out after {seconds} seconds and was terminated."
+
+
+class RemoteStatusReporter:
+    """Stands in for Luigi's TaskStatusReporter on a worker.
+
+    ``set_status_message`` and friends inside ``run()`` end up here; each
+    update is published to the dispatcher, which hands it to the scheduler.
+    """
+
+    scheduler_messages = None  # messages from the scheduler to a running task do not cross the broker
+
+    def __init__(self, publish: Publish, msg: m.TaskMessage) -> None:
+        self._publish = publish
+        self._msg = msg
+
+    def _send(self, field: str, value: Any) -> None:
+        update = m.StatusMessage(celery_id=self._msg.celery_id, task_id=self._msg.task_id, field=field, value=value)
+        try:
+            self._publish(self._msg.reply_to, update.to_dict())
+        except Exception as e:  # a lost status update must not fail the task
+            logger.warning("could not send %s of %s: %s", field, self._msg.task_id, e)
+
+    def update_tracking_url(self, tracking_url: str) -> None:
+        self._send("tracking_url", tracking_url)
+
+    def update_status_message(self, message: str) -> None:
+        self._send("status_message", message)
+
+    def update_progress_percentage(self, percentage: float) -> None:
+        self._send("progress_percentage", percentage)
+
+    def decrease_running_resources(self, decrease_resources: dict[str, int]) -> None:
+        self._send("decrease_running_resources", decrease_resources)
+
+
+class _OneResult:
+    """The result queue TaskProcess.run() puts its one tuple on."""
+
+    def __init__(self) -> None:
+        self.item: tuple[Any, ...] | None = None
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self.item = item
+
+
+class _WorkerTaskProcess(luigi.worker.TaskProcess):
+    """Luigi's TaskProcess, run in-process; reports a soft time limit as a timeout."""
+
+    timed_out = False
+    timeout_seconds: float | None = None
+
+    def _handle_run_exception(self, ex: BaseException) -> str:
+        if isinstance(ex, SoftTimeLimitExceeded):
+            # Stock Luigi kills a timed-out process: no on_failure, no FAILURE event;
+            # the dispatcher fires TIMEOUT, as Luigi's worker does.
+            self.timed_out = True
+            return timeout_explanation(self.task.task_id, self.timeout_seconds)
+        result: str = super()._handle_run_exception(ex)
+        return result
+
+
+def _failed(msg: m.TaskMessage, expl: str) -> m.ResultMessage:
+    return m.ResultMessage(
+        celery_id=msg.celery_id, task_id=msg.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()
+    )
+
+
+def _as_text(expl: Any) -> str:
+    if expl is None:
+        return ""
+    return expl if isinstance(expl, str) else str(expl)
+
+
+def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publish) -> m.ResultMessage:
+    """Rebuild and run the task ``msg`` names; return how it ended. Never raises for the task's own errors."""
+    if not module_allowed(msg.module, allowed):
+        return _failed(
+            msg,
+            f"module {msg.module!r} is not in this worker's allowlist ({', '.join(allowed) or 'empty'}); "
+            "start the worker with --include MODULE or LUIGI_CELERY_TASK_MODULES",
+        )
+    try:
+        task = luigi.worker.load_task(msg.module, msg.family, msg.params)
+    except ImportError as e:
+        return _failed(msg, f"cannot import module {msg.module!r} on worker {socket.gethostname()}: {e}")
+    except TaskClassException as e:
+        return _failed(msg, f"no task family {msg.family!r} in module {msg.module!r}: {e}")
+    except Exception:
+        return _failed(msg, f"cannot rebuild {msg.family} from its parameters:\n{traceback.format_exc()}")
+    if task.task_module != msg.module:
+        return _failed(msg, f"task family {msg.family!r} is defined in {task.task_module!r}, not in {msg.module!r}")
+    if task.task_id != msg.task_id:
+        return _failed(
+            msg, f"the rebuilt task has id {task.task_id}, not {msg.task_id}: worker and dispatcher code differ"
+        )
+
+    outcome = _OneResult()
+    process = _WorkerTaskProcess(
+        task,
+        msg.run_id,
+        outcome,
+        RemoteStatusReporter(publish, msg),
+        check_unfulfilled_deps=msg.check_unfulfilled_deps,
+        check_complete_on_run=msg.check_complete_on_run,
+    )
+    process.timeout_seconds = msg.worker_timeout
+    process.run()
+    assert outcome.item is not None, "TaskProcess.run() always puts a result"
+    _, status, expl, missing, new_deps = outcome.item
+    return m.ResultMessage(
+        celery_id=msg.celery_id,
+        task_id=msg.task_id,
+        status=status,
+        expl=_as_text(expl),
+        missing=list(missing or ()),
+        new_deps=[(module, family, dict(params)) for module, family, params in new_deps or ()],
+        event="timeout" if process.timed_out else None,
+        host=socket.gethostname(),
+    )
+
+
+def _partial_message(kwargs: dict[str, Any]) -> m.TaskMessage | None:
+    """Best effort: enough of a malformed message to tell its dispatcher, if it has one."""
+    data = kwargs.get("message")
+    if not isinstance(data, dict):
+        return None
+    fields = ("task_id", "reply_to", "run_id")
+    if not all(isinstance(data.get(f), str) for f in fields):
+        return None
+    attempt = data.get("attempt")
+    return m.TaskMessage(
+        task_id=data["task_id"],
+        module=str(data.get("module")),
+        family=str(data.get("family")),
+        params={},
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1,
+        run_id=data["run_id"],
+        reply_to=data["reply_to"],
+    )
+
+
+class ExecuteTask(Task):
+    """Base class of the execute task: replies FAILED when a time limit kills it."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Runs in the worker's main process on a hard time limit, and in the child
+        # for an exception that escaped execute(); either way the dispatcher must hear.
+        msg = _partial_message(kwargs if isinstance(kwargs, dict) else {})
+        if msg is None:
+            return
+        if isinstance(exc, TimeLimitExceeded):
+            seconds = kwargs["message"].get("worker_timeout")
+            result = dataclasses.replace(_failed(msg, timeout_explanation(msg.task_id, seconds)), event="timeout")
+        else:
+            result = _failed(msg, f"luigi-celery failed to run {msg.task_id}: {exc!r}\n{einfo}")
+        try:
+            publish_reply(self.app, msg.reply_to, result.to_dict())
+        except Exception:
+            logger.exception("could not report the failure of %s", msg.task_id)
+
+
+def register_execute(app: Celery, allowed: tuple[str, ...]) -> Task:
+    """Add the execute task to ``app``; ``allowed`` is the module allowlist."""
+
+    def publish(reply_to: str, payload: dict[str, Any]) -> None:
+        publish_reply(app, reply_to, payload)
+
+    @app.task(name=m.TASK_NAME, bind=True, base=ExecuteTask, acks_late=True, reject_on_worker_lost=True)
+    def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            if args or set(kwargs) != {"message"}:
+                raise MessageError("expected exactly one keyword argument, 'message'")
+            msg = m.TaskMessage.from_dict(kwargs["message"])
+        except MessageError as e:
+            logger.error("rejected malformed message %s: %s", self.request.id, e)
+            partial = _partial_message(kwargs)
+            if partial is not None:
+                publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
+            raise Reject(str(e), requeue=False) from e
+        result = run_task_message(msg, allowed, publish)
+        publish(msg.reply_to, result.to_dict())
+        return result.to_dict()
+
+    return execute

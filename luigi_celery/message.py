@@ -1,0 +1,287 @@
+"""What crosses the broker: the task message, the replies, and their checks.
+
+Every message is a JSON object with a protocol version ``v`` and a ``kind``.
+Nothing here ever unpickles: a message is plain data, validated field by
+field, and anything that does not fit raises :class:`MessageError`.
+
+A task travels as (module, family, str params), the same triple Luigi uses
+for dynamic dependencies, so :func:`check_dispatchable` makes sure a task can
+be rebuilt from that triple on another machine before it is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import luigi
+from luigi.parameter import ParameterVisibility
+from luigi.task_register import Register, TaskClassException
+
+from luigi_celery.errors import DispatchRefused, MessageError
+
+PROTOCOL_VERSION = 1
+TASK_NAME = "luigi_celery.execute"
+
+# Luigi statuses a worker may report back.
+DONE, FAILED, PENDING = "DONE", "FAILED", "PENDING"
+STATUSES = frozenset({DONE, FAILED, PENDING})
+
+# Status updates a task can make from inside run(), with the type of the value.
+STATUS_FIELDS: dict[str, tuple[type, ...]] = {
+    "status_message": (str,),
+    "progress_percentage": (int, float),
+    "tracking_url": (str,),
+    "decrease_running_resources": (dict,),
+}
+
+# A timed-out task is reported FAILED with event "timeout", so the dispatcher
+# can fire Luigi's TIMEOUT event exactly where stock Luigi fires it.
+EVENTS = frozenset({"timeout"})
+
+M = TypeVar("M")
+
+
+def celery_task_id(luigi_task_id: str, attempt: int) -> str:
+    """The Celery task id for one attempt at one Luigi task.
+
+    Deterministic, so a dispatcher can find its work again; includes the
+    attempt, so a task that runs twice (dynamic dependencies) never confuses
+    the first run's reply with the second's.  Luigi task ids can be long, so
+    the id is a readable prefix plus a digest of the whole id.
+    """
+    digest = hashlib.sha1(luigi_task_id.encode()).hexdigest()[:16]
+    return f"{luigi_task_id[:80]}.{digest}.{attempt}"
+
+
+def _require(data: Mapping[str, Any], name: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:
+    if name not in data:
+        raise MessageError(f"missing field {name!r}")
+    value = data[name]
+    if value is None and nullable:
+        return None
+    # bool is an int in Python; never accept it where a number is expected.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        expected = "/".join(t.__name__ for t in types)
+        raise MessageError(f"field {name!r} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _check_envelope(data: object, kinds: set[str]) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise MessageError(f"message must be a JSON object, got {type(data).__name__}")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION:
+        raise MessageError(f"unsupported message version {version!r} (this worker speaks {PROTOCOL_VERSION})")
+    if data.get("kind") not in kinds:
+        raise MessageError(f"unknown message kind {data.get('kind')!r}")
+    return data
+
+
+def _str_dict(value: Mapping[str, Any], name: str) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise MessageError(f"field {name!r} must map strings to strings")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One Luigi task to run, as the dispatcher publishes it."""
+
+    task_id: str
+    module: str
+    family: str
+    params: dict[str, str]
+    attempt: int
+    run_id: str
+    reply_to: str
+    # The dispatcher's Luigi [worker] settings that change how a task runs.
+    check_unfulfilled_deps: bool = True
+    check_complete_on_run: bool = False
+    # Luigi's worker_timeout for this task (None: no limit); Celery enforces it.
+    worker_timeout: float | None = None
+
+    kind = "task"
+
+    @property
+    def celery_id(self) -> str:
+        return celery_task_id(self.task_id, self.attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> TaskMessage:
+        data = _check_envelope(data, {cls.kind})
+        attempt = _require(data, "attempt", (int,))
+        if attempt < 1:
+            raise MessageError("field 'attempt' must be at least 1")
+        worker_timeout = _require(data, "worker_timeout", (int, float), nullable=True)
+        if worker_timeout is not None and worker_timeout <= 0:
+            raise MessageError("field 'worker_timeout' must be positive")
+        return cls(
+            task_id=_require(data, "task_id", (str,)),
+            module=_require(data, "module", (str,)),
+            family=_require(data, "family", (str,)),
+            params=_str_dict(_require(data, "params", (dict,)), "params"),
+            attempt=attempt,
+            run_id=_require(data, "run_id", (str,)),
+            reply_to=_require(data, "reply_to", (str,)),
+            check_unfulfilled_deps=_require(data, "check_unfulfilled_deps", (bool,)),
+            check_complete_on_run=_require(data, "check_complete_on_run", (bool,)),
+            worker_timeout=worker_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class ResultMessage:
+    """How one attempt ended, in the terms of Luigi's result tuple."""
+
+    celery_id: str
+    task_id: str
+    status: str
+    expl: str = ""
+    missing: list[str] = field(default_factory=list)
+    # Dynamic dependencies: [module, family, str params], as Luigi's TaskProcess returns them.
+    new_deps: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    event: str | None = None
+    host: str = ""
+
+    kind = "result"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["new_deps"] = [list(dep) for dep in self.new_deps]
+        return {"v": PROTOCOL_VERSION, "kind": self.kind, **data}
+
+    def luigi_tuple(self) -> tuple[str, str, str, list[str], list[tuple[str, str, dict[str, str]]]]:
+        """The tuple Luigi's worker expects on its result queue."""
+        return (self.task_id, self.status, self.expl, list(self.missing), list(self.new_deps))
+
+    @classmethod
+    def from_dict(cls, data: object) -> ResultMessage:
+        data = _check_envelope(data, {cls.kind})
+        status = _require(data, "status", (str,))
+        if status not in STATUSES:
+            raise MessageError(f"unknown status {status!r}")
+        event = _require(data, "event", (str,), nullable=True)
+        if event is not None and event not in EVENTS:
+            raise MessageError(f"unknown event {event!r}")
+        missing = _require(data, "missing", (list,))
+        if not all(isinstance(m, str) for m in missing):
+            raise MessageError("field 'missing' must be a list of strings")
+        new_deps = []
+        for dep in _require(data, "new_deps", (list,)):
+            if not (isinstance(dep, list) and len(dep) == 3 and isinstance(dep[0], str) and isinstance(dep[1], str)):
+                raise MessageError("each of 'new_deps' must be [module, family, params]")
+            if not isinstance(dep[2], dict):
+                raise MessageError("the params of a dynamic dependency must be an object")
+            new_deps.append((dep[0], dep[1], _str_dict(dep[2], "new_deps params")))
+        return cls(
+            celery_id=_require(data, "celery_id", (str,)),
+            task_id=_require(data, "task_id", (str,)),
+            status=status,
+            expl=_require(data, "expl", (str,)),
+            missing=list(missing),
+            new_deps=new_deps,
+            event=event,
+            host=_require(data, "host", (str,)),
+        )
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """A status update made inside ``run()``: a message, a percentage, a URL."""
+
+    celery_id: str
+    task_id: str
+    field: str
+    value: Any
+
+    kind = "status"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> StatusMessage:
+        data = _check_envelope(data, {cls.kind})
+        name = _require(data, "field", (str,))
+        if name not in STATUS_FIELDS:
+            raise MessageError(f"unknown status field {name!r}")
+        return cls(
+            celery_id=_require(data, "celery_id", (str,)),
+            task_id=_require(data, "task_id", (str,)),
+            field=name,
+            value=_require(data, "value", STATUS_FIELDS[name]),
+        )
+
+
+_REPLY_TYPES: dict[str, Callable[[object], ResultMessage | StatusMessage]] = {
+    ResultMessage.kind: ResultMessage.from_dict,
+    StatusMessage.kind: StatusMessage.from_dict,
+}
+
+
+def parse_reply(data: object) -> ResultMessage | StatusMessage:
+    """Validate a message from the reply queue."""
+    kind = data.get("kind") if isinstance(data, Mapping) else None
+    parser = _REPLY_TYPES.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise MessageError(f"unknown reply kind {kind!r}")
+    return parser(data)
+
+
+# --- can this task travel? -------------------------------------------------
+
+
+def _check_class(task_cls: type[luigi.Task]) -> None:
+    family = task_cls.get_task_family()
+    if task_cls.__module__ == "__main__":
+        raise DispatchRefused(
+            f"{family} is defined in __main__, which a worker cannot import: move it to a module and pass --module"
+        )
+    if "<locals>" in task_cls.__qualname__:
+        raise DispatchRefused(
+            f"{family} is defined inside a function ({task_cls.__qualname__}), "
+            "so a worker cannot import it: define it at module level"
+        )
+    try:
+        registered = Register.get_task_cls(family)
+    except TaskClassException as e:
+        raise DispatchRefused(f"{family} cannot be looked up by its family name on a worker: {e}") from e
+    if registered is not task_cls:
+        raise DispatchRefused(f"{family} names another class in Luigi's registry ({registered.__module__})")
+
+
+def check_dispatchable(task: luigi.Task) -> dict[str, str]:
+    """Return the task's str params if a worker can rebuild exactly this task.
+
+    Raises :class:`DispatchRefused`, naming the task and the parameter, when
+    the class is not importable by name or a parameter does not survive the
+    trip through its string form (the only form that crosses the broker).
+    """
+    _check_class(type(task))
+    for name, param in task.get_params():
+        value = task.param_kwargs[name]
+        if param.visibility == ParameterVisibility.PRIVATE:
+            raise DispatchRefused(
+                f"{task.task_id}: parameter {name!r} is PRIVATE; luigi-celery does not send private "
+                "values over the broker: read the secret from config or the environment inside run()"
+            )
+        try:
+            text = param.serialize(value)
+            back = param.normalize(param.parse(text))
+            survives = isinstance(text, str) and back == value
+        except Exception as e:  # a parse error is the same answer: it does not survive
+            survives = False
+            text = f"<{type(e).__name__}: {e}>"
+        if not survives:
+            raise DispatchRefused(
+                f"{task.task_id}: parameter {name!r} = {value!r} ({type(value).__name__}) does not survive "
+                f"the string round trip ({type(param).__name__} gives back {text!r}); use a parameter "
+                "type that parses it (e.g. ListParameter, TupleParameter, OptionalParameter, IntParameter)"
+            )
+    return dict(task.to_str_params())

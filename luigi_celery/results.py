@@ -1,0 +1,142 @@
+"""The reply path: how results and status updates get back to the dispatcher.
+
+Each run of ``luigi-celery run`` owns one reply queue on the broker itself
+(``luigi-celery.reply.<run id>``).  Workers publish JSON replies to it through
+the default exchange; ONE watcher thread in the dispatcher consumes it with a
+connection of its own, for every task in flight.
+
+Why not Celery's result backend: Celery's Redis backend subscribes a pub/sub
+channel per task id at publish time and its ``rpc://`` backend ties replies
+to the publishing thread; either way a dispatcher with thousands of tasks in
+flight pays per task.  A reply queue is one consumer and no polling, needs no
+second server with RabbitMQ, and works unchanged on kombu's ``filesystem://``
+transport, which is what the embedded mode runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+logger = logging.getLogger(__name__)
+
+REPLY_QUEUE_PREFIX = "luigi-celery.reply."
+# An abandoned reply queue (its dispatcher died) disappears from RabbitMQ after a day.
+REPLY_QUEUE_EXPIRES = 24 * 3600.0
+# Publishing a reply retries this long before giving up (the broker restarts, a network blip).
+PUBLISH_RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
+# How often the watcher wakes up when no reply arrives (to check it should still run).
+WATCH_TICK = 0.2
+RECONNECT_BACKOFF_MAX = 5.0
+
+_DEFAULT_EXCHANGE = Exchange("", type="direct")
+
+
+def reply_queue_name(run_id: str) -> str:
+    return REPLY_QUEUE_PREFIX + run_id
+
+
+def reply_queue(name: str) -> Queue:
+    return Queue(
+        name,
+        exchange=_DEFAULT_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        expires=REPLY_QUEUE_EXPIRES,
+    )
+
+
+def publish_reply(app: Celery, reply_to: str, payload: dict[str, Any]) -> None:
+    """Send one reply (a JSON object) to a dispatcher's reply queue."""
+    with app.producer_pool.acquire(block=True) as producer:
+        producer.publish(
+            payload,
+            exchange="",
+            routing_key=reply_to,
+            serializer="json",
+            delivery_mode=2,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+
+class ResultWatcher(threading.Thread):
+    """Consumes one reply queue and hands every reply to ``on_reply``.
+
+    ``on_reply`` runs in this thread and must only hand the data over (to a
+    queue); ``on_tick`` is called about every ``WATCH_TICK`` seconds, whether
+    or not replies arrive.  Connection errors are retried with backoff for as
+    long as the watcher runs: the dispatcher decides when to give up.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        queue_name: str,
+        on_reply: Callable[[Any], None],
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(name="luigi-celery-results", daemon=True)
+        self._app = app
+        self._queue = reply_queue(queue_name)
+        self._on_reply = on_reply
+        self._on_tick = on_tick
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+                return
+            except Exception as e:  # the broker went away: reconnect, never die silently
+                logger.warning("result watcher lost the broker (%s); reconnecting in %.1f s", e, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+
+    def _consume(self) -> None:
+        with self._app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1)
+            with conn.Consumer(
+                self._queue,
+                callbacks=[self._deliver],
+                accept=["json"],
+                no_ack=True,
+                on_decode_error=self._on_decode_error,
+            ):
+                self.ready.set()
+                next_tick = time.monotonic() + WATCH_TICK
+                while not self._stopping.is_set():
+                    try:
+                        conn.drain_events(timeout=WATCH_TICK)
+                    except TimeoutError:
+                        conn.heartbeat_check()
+                    if time.monotonic() >= next_tick:
+                        self._tick()
+                        next_tick = time.monotonic() + WATCH_TICK
+
+    def _tick(self) -> None:
+        try:
+            self._on_tick()
+        except Exception:
+            logger.exception("result watcher tick failed")
+
+    def _deliver(self, body: Any, message: Any) -> None:
+        try:
+            self._on_reply(body)
+        except Exception:
+            logger.exception("could not handle a reply")
+
+    def _on_decode_error(self, message: Any, exc: Exception) -> None:
+        logger.error("dropped a reply that is not valid JSON (%s): %s", message.content_type, exc)

@@ -1,0 +1,65 @@
+"""``luigi-celery run``: one pipeline run, from settings to exit code."""
+
+from __future__ import annotations
+
+import sys
+
+from luigi_celery.app import make_app
+from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, failed_task_ids, run_with_retcodes
+from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
+from luigi_celery.sender import Sender, check_broker
+from luigi_celery.settings import Settings
+
+
+def report_failures(worker: CeleryWorker) -> None:
+    """Print each failed task's remote explanation (Luigi's summary only names them)."""
+    failed = failed_task_ids(worker)
+    shown = {task_id: result for task_id, result in worker.failures.items() if task_id in failed}
+    if not shown:
+        return
+    print(f"\nluigi-celery: {len(shown)} task(s) failed:", file=sys.stderr)
+    for task_id, result in sorted(shown.items()):
+        where = f" on {result.host}" if result.host else ""
+        print(f"--- {task_id}{where} ---\n{result.expl.rstrip()}\n", file=sys.stderr)
+
+
+def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
+    """Run the pipeline ``luigi_argv`` names; return the process exit code."""
+    if settings.embedded:
+        settings = settings.replace(embedded_dir=make_embedded_dir())
+    app = make_app(settings)
+    sender = Sender(app, settings)
+    embedded: list[EmbeddedWorker] = []
+
+    def start_sender(worker_count: int) -> None:
+        if settings.embedded:
+            print(
+                f"luigi-celery: no broker configured; running embedded ({worker_count} worker process(es), "
+                f"filesystem broker in {settings.embedded_dir})",
+                file=sys.stderr,
+            )
+        else:
+            check_broker(app, settings.connect_timeout)
+        sender.start()
+
+    def start_embedded_pool(modules: set[str]) -> None:
+        # Called once the DAG is resolved, so the pool knows which modules to import.
+        if not settings.embedded or embedded:
+            return
+        assert settings.embedded_dir is not None and factory.worker is not None
+        # Dynamic dependencies may come from sibling modules: allow their packages too.
+        allowed = modules | {module.split(".")[0] for module in modules}
+        pool = EmbeddedWorker(settings.embedded_dir, factory.worker.worker_processes, allowed, settings.queue)
+        pool.start()
+        embedded.append(pool)
+        sender.add_health_check(pool.problem)
+
+    factory = CeleryWorkerSchedulerFactory(sender, on_worker=start_sender, on_start=start_embedded_pool)
+    try:
+        code = run_with_retcodes(luigi_argv, factory)
+    finally:
+        for pool in embedded:
+            pool.stop()
+    if factory.worker is not None:
+        report_failures(factory.worker)
+    return code

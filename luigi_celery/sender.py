@@ -1,0 +1,213 @@
+"""Publish Luigi tasks as Celery messages and route the replies back.
+
+The :class:`Sender` knows nothing of Luigi's worker internals: it publishes a
+*flight* (anything with a ``task``, a ``worker_timeout`` and two callbacks)
+and calls the flight back from the watcher thread when a reply arrives.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+import luigi
+from celery import Celery
+
+from luigi_celery import message as m
+from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError
+from luigi_celery.options import task_options
+from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
+from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
+
+logger = logging.getLogger(__name__)
+
+# Publishing a task retries this long before the task is failed (broker restarting, network blip).
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+
+
+class Flight(Protocol):
+    """One Luigi task on its way to a worker, as the sender sees it."""
+
+    task: luigi.Task
+    worker_timeout: float | None
+
+    def on_result(self, result: m.ResultMessage) -> None: ...
+
+    def on_status(self, status: m.StatusMessage) -> None: ...
+
+
+def check_broker(app: Celery, timeout: float) -> None:
+    """Connect to the broker once, giving up after about ``timeout`` seconds."""
+    url = app.conf.broker_url
+    conn = app.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1, timeout=timeout)
+        conn.default_channel  # noqa: B018  (opening a channel proves the login works)
+    except Exception as e:
+        raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {e}") from e
+    finally:
+        conn.release()
+
+
+class Sender:
+    """Publishes tasks for one run and matches the replies to what is in flight."""
+
+    def __init__(self, app: Celery, settings: Settings, run_id: str | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.reply_to = reply_queue_name(self.run_id)
+        self._in_flight: dict[str, Flight] = {}
+        self._lock = threading.Lock()
+        self._attempts: collections.Counter[str] = collections.Counter()
+        self._broken: str | None = None
+        self._health_checks: list[Callable[[], str | None]] = []
+        self._watcher = ResultWatcher(app, self.reply_to, self._on_reply, self._tick)
+        # The dispatcher's Luigi [worker] settings that travel with each task.
+        self.check_unfulfilled_deps = True
+        self.check_complete_on_run = False
+
+    # --- life cycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Declare the reply queue and start watching it."""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=self.settings.connect_timeout)
+                reply_queue(self.reply_to)(conn.default_channel).declare()
+        except Exception as e:
+            raise BrokerUnavailable(f"cannot reach the broker at {redact(self.app.conf.broker_url)}: {e}") from e
+        self._watcher.start()
+        if not self._watcher.ready.wait(self.settings.connect_timeout):
+            raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
+
+    def close(self) -> None:
+        self._watcher.stop()
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5)
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+                reply_queue(self.reply_to)(conn.default_channel).delete()
+        except Exception as e:
+            logger.debug("could not delete reply queue %s: %s", self.reply_to, e)
+
+    def add_health_check(self, check: Callable[[], str | None]) -> None:
+        """``check`` returns None while all is well, or why the run cannot go on."""
+        self._health_checks.append(check)
+
+    # --- publishing --------------------------------------------------------
+
+    def send(self, flight: Flight) -> None:
+        """Publish one task; any failure comes back to the flight as a FAILED result."""
+        task = flight.task
+        if self._broken:
+            self._fail(flight, self._broken)
+            return
+        try:
+            params = m.check_dispatchable(task)
+            options = task_options(type(task))
+        except (DispatchRefused, ConfigError) as e:
+            self._fail(flight, f"luigi-celery refused to dispatch {task.task_id}: {e}")
+            return
+
+        self._attempts[task.task_id] += 1
+        msg = m.TaskMessage(
+            task_id=task.task_id,
+            module=task.task_module,
+            family=task.task_family,
+            params=params,
+            attempt=self._attempts[task.task_id],
+            run_id=self.run_id,
+            reply_to=self.reply_to,
+            check_unfulfilled_deps=self.check_unfulfilled_deps,
+            check_complete_on_run=self.check_complete_on_run,
+            worker_timeout=flight.worker_timeout or None,
+        )
+        limits = {}
+        if msg.worker_timeout:
+            limits = {"soft_time_limit": msg.worker_timeout, "time_limit": msg.worker_timeout + HARD_TIME_LIMIT_GRACE}
+        # Registered before publishing: a fast worker can reply before publish() returns.
+        with self._lock:
+            self._in_flight[msg.celery_id] = flight
+        try:
+            self.app.send_task(
+                m.TASK_NAME,
+                kwargs={"message": msg.to_dict()},
+                task_id=msg.celery_id,
+                queue=options.queue or self.settings.queue,
+                priority=options.priority,
+                shadow=task.task_id,
+                ignore_result=self.settings.result_backend is None,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+                **limits,
+            )
+        except Exception as e:
+            with self._lock:
+                self._in_flight.pop(msg.celery_id, None)
+            self._fail(flight, f"could not publish {task.task_id} to {redact(self.app.conf.broker_url)}: {e}")
+            return
+        logger.debug("sent %s as %s", task.task_id, msg.celery_id)
+
+    def revoke(self, flight: Flight) -> None:
+        """Ask the workers not to start ``flight`` (best effort)."""
+        with self._lock:
+            ids = [cid for cid, f in self._in_flight.items() if f is flight]
+        for cid in ids:
+            try:
+                self.app.control.revoke(cid)
+            except Exception as e:
+                logger.warning("could not revoke %s: %s", cid, e)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every task in flight (and every later send) with ``reason``."""
+        self._broken = reason
+        with self._lock:
+            flights = list(self._in_flight.values())
+            self._in_flight.clear()
+        for flight in flights:
+            self._fail(flight, reason)
+
+    # --- replies (watcher thread) --------------------------------------------
+
+    def _on_reply(self, data: object) -> None:
+        try:
+            reply = m.parse_reply(data)
+        except MessageError as e:
+            logger.error("dropped an invalid reply on %s: %s", self.reply_to, e)
+            return
+        with self._lock:
+            if isinstance(reply, m.ResultMessage):
+                flight = self._in_flight.pop(reply.celery_id, None)
+            else:
+                flight = self._in_flight.get(reply.celery_id)
+        if flight is None:
+            logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
+        elif isinstance(reply, m.ResultMessage):
+            flight.on_result(reply)
+        else:
+            flight.on_status(reply)
+
+    def _tick(self) -> None:
+        for check in self._health_checks:
+            problem = check()
+            if problem:
+                self.fail_all(problem)
+
+    def _fail(self, flight: Flight, expl: str) -> None:
+        logger.error("%s", expl)
+        flight.on_result(
+            m.ResultMessage(
+                celery_id="", task_id=flight.task.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()
+            )
+        )

@@ -1,0 +1,148 @@
+"""luigi-celery's settings: one frozen object, built once.
+
+Precedence, highest first: command-line flags, environment variables
+``LUIGI_CELERY_*``, the luigi config section ``[luigi_celery]``, defaults.
+Nothing is read at import time; :func:`load_settings` is called by the CLI
+(or by ``luigi_celery.app`` when Celery asks for its module-level app).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from luigi_celery.errors import ConfigError
+
+ENV_PREFIX = "LUIGI_CELERY_"
+CONFIG_SECTION = "luigi_celery"
+
+DEFAULT_QUEUE = "luigi"
+# How long `luigi-celery run` and `check` try to reach the broker before giving up.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# A hard time limit is this much longer than the soft one (Luigi's worker_timeout),
+# so the task gets a chance to report "timed out" itself before it is killed.
+HARD_TIME_LIMIT_GRACE = 10.0
+# How often the embedded worker polls its folder for messages.
+EMBEDDED_POLLING_INTERVAL = 0.01
+
+
+def redact(url: str | None) -> str:
+    """Return ``url`` with its password hidden, for logs and error messages."""
+    if not url:
+        return "<none>"
+    return str(maybe_sanitize_url(url, mask="****"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything luigi-celery needs to know, in one place.
+
+    ``broker_url`` None means the embedded default: a ``filesystem://``
+    broker in ``embedded_dir`` and a worker process started by the dispatcher.
+    """
+
+    broker_url: str | None = None
+    # Optional Celery result backend, for other tools (Flower, inspection); the
+    # dispatcher reads results from its own reply queue and never needs it.
+    result_backend: str | None = None
+    # Modules a worker may import tasks from (the allowlist).
+    task_modules: tuple[str, ...] = ()
+    # The Celery queue tasks go to unless a task says `celery_queue`.
+    queue: str = DEFAULT_QUEUE
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # Where the embedded broker keeps its messages (a fresh temporary folder when None).
+    embedded_dir: str | None = None
+    broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["broker_url"] = redact(self.broker_url) if self.broker_url else None
+        shown["result_backend"] = redact(self.result_backend) if self.result_backend else None
+        inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"Settings({inner})"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+# name -> parser from a string (env var or luigi config value)
+def _modules(value: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _queue_name(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("must be a non-empty name without spaces")
+    return value
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "broker_url": str,
+    "result_backend": str,
+    "task_modules": _modules,
+    "queue": _queue_name,
+    "connect_timeout": _positive_float,
+    "embedded_dir": str,
+}
+
+
+def _from_luigi_config() -> dict[str, str]:
+    import luigi.configuration
+
+    config = luigi.configuration.get_config()
+    if not config.has_section(CONFIG_SECTION):
+        return {}
+    return {name: config.get(CONFIG_SECTION, name) for name in _PARSERS if config.has_option(CONFIG_SECTION, name)}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    values = {}
+    for name in _PARSERS:
+        key = ENV_PREFIX + name.upper()
+        if env.get(key):
+            values[name] = env[key]
+    return values
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    use_luigi_config: bool = True,
+) -> Settings:
+    """Build the settings from flags (``overrides``), env, luigi config and defaults.
+
+    ``overrides`` holds already-typed values (from argparse); None values are
+    ignored so an absent flag does not hide the environment.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, str] = {}
+    if use_luigi_config:
+        raw.update(_from_luigi_config())
+    raw.update(_from_env(env))
+
+    values: dict[str, Any] = {}
+    for name, text in raw.items():
+        try:
+            values[name] = _PARSERS[name](text)
+        except ValueError as e:
+            raise ConfigError(f"invalid {name} {text!r}: {e}") from e
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    return Settings(**values)

@@ -1,0 +1,195 @@
+"""Fixtures for the broker and end-to-end tiers: real Redis, RabbitMQ, workers, luigid.
+
+A test that needs a broker FAILS when the broker does not answer; it never
+skips (``scripts/test`` starts the brokers before pytest runs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+REDIS_URL = "redis://127.0.0.1:6379/11"  # a db of our own on the machine's Redis
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+BROKERS = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
+# Modules the test workers allow (tests.pipelines_other is deliberately left out).
+WORKER_MODULES = ("examples.sales", "tests.pipelines")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def brokers() -> dict[str, str]:
+    down = [name for name, port in (("Redis", 6379), ("RabbitMQ", 5672)) if not _answers("127.0.0.1", port)]
+    if down:
+        pytest.fail(f"{' and '.join(down)} not answering on 127.0.0.1; run scripts/services (scripts/test does)")
+    return BROKERS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUIGI_CELERY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 120, env: dict[str, str] | None = None):
+    """Run the luigi-celery command; return the CompletedProcess (output in .stdout)."""
+    return subprocess.run(
+        [str(BIN / "luigi-celery"), *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_worker(broker: str, queue: str, log_dir: Path, concurrency: int = 2) -> WorkerProcess:
+    name = f"w{uuid.uuid4().hex[:6]}"
+    log = log_dir / f"{name}.log"
+    process = subprocess.Popen(
+        [
+            str(BIN / "luigi-celery"),
+            "worker",
+            "--broker",
+            broker,
+            "--queue",
+            queue,
+            "--include",
+            *WORKER_MODULES,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ],  # fmt: skip
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    worker = WorkerProcess(name, process, log)
+    deadline = time.time() + 60
+    while " ready." not in worker.output():
+        if not worker.alive() or time.time() > deadline:
+            worker.stop()
+            pytest.fail(f"worker {name} did not start:\n{worker.output()[-3000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+@dataclass
+class Pool:
+    """Two real `luigi-celery worker` processes serving one queue on one broker."""
+
+    broker: str
+    queue: str
+    workers: list[WorkerProcess]
+
+    def run(self, *args: str, timeout: float = 120):
+        return run_cli("run", "--broker", self.broker, "--queue", self.queue, *args, timeout=timeout)
+
+    def logs(self) -> str:
+        return "\n".join(w.output() for w in self.workers)
+
+
+def _pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    queue = f"lc-test-{uuid.uuid4().hex[:10]}"
+    log_dir = tmp_path_factory.mktemp("workers")
+    workers = [start_worker(broker, queue, log_dir) for _ in range(2)]
+    try:
+        yield Pool(broker, queue, workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_pool(brokers, tmp_path_factory) -> Iterator[Pool]:
+    yield from _pool(brokers["redis"], tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_pool(brokers, tmp_path_factory) -> Iterator[Pool]:
+    yield from _pool(brokers["rabbitmq"], tmp_path_factory)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def pool(request) -> Pool:
+    """Each test using this runs once over Redis and once over RabbitMQ."""
+    return request.getfixturevalue(f"{request.param}_pool")
+
+
+@pytest.fixture
+def luigid(tmp_path) -> Iterator[str]:
+    """A central Luigi scheduler on a free port; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "luigid"), "--port", str(port), "--state-path", str(tmp_path / "state.pickle")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while not _answers("127.0.0.1", port):
+        if process.poll() is not None or time.time() > deadline:
+            pytest.fail("luigid did not start")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        process.wait(10)

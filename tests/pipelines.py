@@ -1,0 +1,207 @@
+"""Tasks the end-to-end tests run through real workers, one behaviour each.
+
+Every task takes ``out`` (a folder, insignificant so it does not change task
+ids) and appends what happened to ``out/events.log`` as ``EVENT task_id pid``,
+so a test can see which process ran what.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import luigi
+from celery.exceptions import SoftTimeLimitExceeded
+from luigi.parameter import ParameterVisibility
+
+
+class OutTask(luigi.Task):
+    out = luigi.Parameter(significant=False)
+
+    def target(self, name: str) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(Path(self.out, name)))
+
+    def output(self):
+        return self.target(f"{self.task_id}.txt")
+
+    def write(self, text: str = "done") -> None:
+        with self.output().open("w") as f:
+            f.write(text)
+
+
+def _log_event(out: str, event: str, task_id: str) -> None:
+    with open(Path(out, "events.log"), "a") as f:
+        f.write(f"{event} {task_id} {os.getpid()}\n")
+
+
+@OutTask.event_handler(luigi.Event.START)
+def _on_start(task):
+    _log_event(task.out, "START", task.task_id)
+
+
+@OutTask.event_handler(luigi.Event.SUCCESS)
+def _on_success(task):
+    _log_event(task.out, "SUCCESS", task.task_id)
+
+
+@OutTask.event_handler(luigi.Event.FAILURE)
+def _on_failure(task, exception):
+    _log_event(task.out, "FAILURE", task.task_id)
+
+
+@OutTask.event_handler(luigi.Event.TIMEOUT)
+def _on_timeout(task, error_msg):
+    _log_event(task.out, "TIMEOUT", task.task_id)
+
+
+class Succeeds(OutTask):
+    def run(self):
+        self.write()
+
+    def on_success(self):
+        Path(self.out, "on_success.txt").write_text(self.task_id)
+        return "finished well"
+
+
+class Fails(OutTask):
+    def run(self):
+        raise ValueError("boom from Fails")
+
+
+class CustomFailure(OutTask):
+    def run(self):
+        raise KeyError("lost key")
+
+    def on_failure(self, exception):
+        return f"custom failure explanation: {exception!r}"
+
+
+class DynamicChild(OutTask):
+    n = luigi.IntParameter()
+
+    def run(self):
+        self.write(f"child {self.n}")
+
+
+class DynamicParent(OutTask):
+    def run(self):
+        children = yield [DynamicChild(out=self.out, n=n) for n in range(3)]
+        texts = [c.open().read() for c in children]
+        self.write(" + ".join(texts))
+
+
+class Gate(luigi.ExternalTask):
+    out = luigi.Parameter(significant=False)
+
+    def output(self):
+        return luigi.LocalTarget(str(Path(self.out, "gate")))
+
+
+class RemovesGate(OutTask):
+    """Deletes the gate file, so a task needing the gate finds it gone at run time."""
+
+    def run(self):
+        os.remove(Path(self.out, "gate"))
+        self.write()
+
+
+class NeedsGate(OutTask):
+    def requires(self):
+        return [RemovesGate(out=self.out), Gate(out=self.out)]
+
+    def run(self):
+        self.write()
+
+
+class NeedsMissingGate(OutTask):
+    def requires(self):
+        return Gate(out=self.out)
+
+    def run(self):
+        self.write()
+
+
+class Reports(OutTask):
+    """Reports status, progress and a tracking URL from inside run().
+
+    Luigi clears the tracking URL once a task is DONE, so the task waits (up to
+    30 s) for the test to create ``out/release`` after it has seen the URL.
+    """
+
+    def run(self):
+        self.set_tracking_url("http://tracker.example/job/42")
+        self.set_progress_percentage(50)
+        self.set_status_message("halfway there")
+        deadline = time.time() + 30
+        while not Path(self.out, "release").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        self.set_progress_percentage(100)
+        self.set_status_message("all done")
+        self.write()
+
+
+class Sleeps(OutTask):
+    worker_timeout = 2
+
+    def run(self):
+        time.sleep(60)
+        self.write()
+
+
+class IgnoresSoftLimit(OutTask):
+    """Swallows the soft time limit, so only the hard limit can stop it."""
+
+    worker_timeout = 1
+
+    def run(self):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                time.sleep(0.2)
+            except SoftTimeLimitExceeded:
+                pass
+        self.write()
+
+
+class TakesAnything(OutTask):
+    value = luigi.Parameter()
+
+    def run(self):
+        self.write(str(self.value))
+
+
+class NeedsTuple(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return TakesAnything(out=self.out, value=("a", "b"))
+
+
+class HasPrivate(OutTask):
+    secret = luigi.Parameter(default="hunter2", visibility=ParameterVisibility.PRIVATE)
+
+    def run(self):
+        self.write()
+
+
+def make_local_task():
+    class DefinedInAFunction(OutTask):
+        def run(self):
+            self.write()
+
+    return DefinedInAFunction
+
+
+class NeedsLocal(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return make_local_task()(out=self.out)
+
+
+class NeedsOtherModule(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        from tests.pipelines_other import Elsewhere
+
+        return Elsewhere(out=self.out)

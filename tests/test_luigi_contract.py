@@ -1,0 +1,190 @@
+"""The contract with Luigi's private worker API, checked two ways.
+
+1. Statically: every attribute Luigi's ``Worker`` reads from a task-process
+   object, found by walking the source of the installed Luigi, must be exactly
+   the set we implement.  A Luigi upgrade that reads a new attribute (or stops
+   reading one) fails here, not at 3 a.m.
+2. At run time: a real Luigi run through :class:`CeleryWorker` calls our hook
+   for every task, reads only contract attributes, and takes its results from
+   our result queue.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import threading
+
+import luigi
+import luigi.interface
+import luigi.worker
+import pytest
+
+from luigi_celery import message as m
+from luigi_celery.dispatch import CeleryTaskProcess, CeleryWorker, CeleryWorkerSchedulerFactory, ResultQueue
+
+# Every attribute Luigi reads from the object _create_task_process returns.
+CONTRACT = {
+    "task",
+    "use_multiprocessing",
+    "run",
+    "start",
+    "is_alive",
+    "exitcode",
+    "timeout_time",
+    "worker_timeout",
+    "terminate",
+    "status_reporter",
+}
+
+# The private Worker attributes luigi_celery.dispatch relies on.
+PRIVATE_WORKER_API = ("_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config")
+
+
+def _process_attribute_reads(cls: type) -> set[str]:
+    """Attributes read from task-process objects anywhere in ``cls``'s methods.
+
+    A name is a task process when it is assigned from ``self._create_task_process(...)``
+    or ``self._running_tasks[...]``, or is the loop variable over
+    ``self._running_tasks.values()`` / ``.items()`` (the second element).
+    """
+    found: set[str] = set()
+    for _, func in inspect.getmembers(cls, inspect.isfunction):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                source = ast.unparse(node.value)
+                if source.startswith(("self._create_task_process(", "self._running_tasks[")):
+                    names.add(node.targets[0].id)
+            if isinstance(node, ast.For):
+                source = ast.unparse(node.iter)
+                if source == "self._running_tasks.values()" and isinstance(node.target, ast.Name):
+                    names.add(node.target.id)
+                if source == "self._running_tasks.items()" and isinstance(node.target, ast.Tuple):
+                    names.add(ast.unparse(node.target.elts[1]))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in names:
+                found.add(node.attr)
+    return found
+
+
+def test_luigi_reads_exactly_the_contract_attributes_from_a_task_process():
+    # Given the installed Luigi's Worker source
+    # When we list what it reads from task-process objects
+    reads = _process_attribute_reads(luigi.worker.Worker)
+    # Then it is exactly our contract: a new or dropped attribute needs a look at dispatch.py
+    assert reads == CONTRACT
+
+
+def test_our_task_process_implements_every_contract_attribute():
+    missing = {name for name in CONTRACT if not hasattr(CeleryTaskProcess, name)}
+    # exitcode, task, status_reporter and worker_timeout are set per instance or are properties
+    assert missing <= {"task", "status_reporter", "worker_timeout"}
+    process = CeleryTaskProcess(
+        luigi.Task(),
+        sender=None,
+        results=ResultQueue(),
+        status_reporter=None,  # type: ignore[arg-type]
+        worker_timeout=None,
+        on_failed=lambda *a: None,
+    )
+    assert all(hasattr(process, name) for name in CONTRACT)
+    assert process.use_multiprocessing is False  # Luigi must call run() in its loop, never fork
+    assert process.timeout_time is None and process.exitcode is None and process.is_alive()
+
+
+def test_the_private_worker_api_we_use_still_exists():
+    worker = luigi.worker.Worker()
+    for name in PRIVATE_WORKER_API:
+        assert hasattr(worker, name), name
+    assert hasattr(luigi.interface, "_WorkerSchedulerFactory")
+    assert inspect.signature(luigi.interface._run).parameters.get("worker_scheduler_factory") is not None
+    assert list(inspect.signature(luigi.worker.Worker._create_task_process).parameters) == ["self", "task"]
+
+
+# --- at run time -------------------------------------------------------------
+
+
+class ContractLeaf(luigi.Task):
+    n = luigi.IntParameter()
+    done = set()  # task ids "run" by the in-memory sender
+
+    def complete(self):
+        return self.task_id in self.done
+
+
+class ContractRoot(luigi.WrapperTask):
+    def requires(self):
+        return [ContractLeaf(n=i) for i in range(3)]
+
+
+class InstantSender:
+    """Replies DONE from another thread, like the watcher does, without a broker."""
+
+    check_unfulfilled_deps = True
+    check_complete_on_run = False
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, flight):
+        self.sent.append(flight.task.task_id)
+        ContractLeaf.done.add(flight.task.task_id)
+        result = m.ResultMessage(celery_id="x", task_id=flight.task.task_id, status=m.DONE)
+        threading.Thread(target=flight.on_result, args=(result,)).start()
+
+    def revoke(self, flight):
+        pass
+
+    def close(self):
+        pass
+
+
+class RecordingProcess(CeleryTaskProcess):
+    reads: set[str] = set()
+
+    def __getattribute__(self, name):
+        if not name.startswith("_") and name not in ("on_result", "on_status"):
+            RecordingProcess.reads.add(name)
+        return super().__getattribute__(name)
+
+
+class RecordingWorker(CeleryWorker):
+    hook_calls = 0
+
+    def _create_task_process(self, task):
+        RecordingWorker.hook_calls += 1
+        real = super()._create_task_process(task)
+        real.__class__ = RecordingProcess
+        return real
+
+
+@pytest.fixture
+def recording_factory():
+    sender = InstantSender()
+    factory = CeleryWorkerSchedulerFactory(sender)
+    factory.create_worker = lambda scheduler, worker_processes, assistant=False: RecordingWorker(  # type: ignore[method-assign]
+        scheduler=scheduler, worker_processes=worker_processes, assistant=assistant, sender=sender
+    )
+    ContractLeaf.done.clear()
+    RecordingProcess.reads.clear()
+    RecordingWorker.hook_calls = 0
+    return factory, sender
+
+
+def test_luigi_calls_our_hook_for_every_task_and_reads_only_the_contract(recording_factory):
+    factory, sender = recording_factory
+    # When Luigi runs a small DAG with our worker, two tasks in flight
+    result = luigi.build(
+        [ContractRoot()], worker_scheduler_factory=factory, local_scheduler=True, workers=2, detailed_summary=True
+    )
+    # Then every leaf went through our hook and our sender, and the run succeeded
+    leaves = {ContractLeaf(n=i).task_id for i in range(3)}
+    assert leaves <= set(sender.sent)
+    assert RecordingWorker.hook_calls == len(sender.sent)
+    assert result.status == luigi.LuigiStatusCode.SUCCESS
+    # and Luigi read nothing from our process objects outside the contract
+    assert RecordingProcess.reads <= CONTRACT, RecordingProcess.reads - CONTRACT
+    assert {"run", "is_alive", "use_multiprocessing"} <= RecordingProcess.reads
