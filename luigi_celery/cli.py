@@ -8,6 +8,7 @@ task parameter) and hands everything else to Luigi's own command line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -117,6 +118,17 @@ def _wants_central_scheduler(argv: Sequence[str]) -> bool:
     return any(config.has_option("core", key) for key in ("default-scheduler-url", "default-scheduler-host"))
 
 
+def _import_pipeline_modules(luigi_argv: Sequence[str]) -> None:
+    """Import ``--module`` now, so a typo is one clear line, not Luigi's traceback."""
+    modules = [value for flag, value in zip(luigi_argv, luigi_argv[1:], strict=False) if flag == "--module"]
+    modules += [a.split("=", 1)[1] for a in luigi_argv if a.startswith("--module=")]
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise LuigiCeleryError(f"cannot import module {module!r}: {e}") from e
+
+
 def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     from luigi_celery.run import run_pipeline
 
@@ -124,6 +136,7 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     settings = _settings(args)
+    _import_pipeline_modules(luigi_argv)
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     return run_pipeline(settings, luigi_argv)
