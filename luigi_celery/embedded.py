@@ -27,12 +27,6 @@ from luigi_celery.settings import ENV_PREFIX
 
 logger = logging.getLogger(__name__)
 
-# When the run is over the pool gets this long to exit before it is killed. Killing
-# loses nothing: the run has nothing left in flight (or was interrupted, when stock
-# Luigi terminates its task processes too), and the broker folder is private to the run.
-# A warm shutdown of an idle prefork pool on this transport takes about 5 s.
-STOP_GRACE = 1.0
-
 
 class _AtomicFilesystemChannel(filesystem.Channel):
     """kombu's filesystem channel, writing each message atomically.
@@ -107,13 +101,11 @@ class EmbeddedWorker:
         return f"the embedded Celery worker exited with code {self._process.returncode}"
 
     def stop(self) -> None:
+        # Killed, not shut down warmly (which takes about 5 s for an idle prefork pool
+        # on this transport): the run has nothing left in flight, or was interrupted,
+        # when stock Luigi terminates its task processes too; the broker folder is
+        # private to the run and goes with it.
         if self._process is not None:
-            if self._process.poll() is None:
-                self._process.send_signal(signal.SIGTERM)
-                try:
-                    self._process.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    pass
             try:
                 os.killpg(self._process.pid, signal.SIGKILL)  # the pool's children too
             except ProcessLookupError:

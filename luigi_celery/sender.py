@@ -87,9 +87,10 @@ class Sender:
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
 
     def close(self) -> None:
+        # No join: nothing is left to consume, and kombu's Redis transport only lets
+        # go of a blocking BRPOP after its timeout (up to a second). The watcher is
+        # a daemon thread and stops by itself.
         self._watcher.stop()
-        if self._watcher.is_alive():
-            self._watcher.join(timeout=5)
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
