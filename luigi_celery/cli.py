@@ -31,6 +31,12 @@ _SCHEDULER_FLAGS = ("--local-scheduler", "--scheduler-url", "--scheduler-host", 
 _CELERY_GLOBAL_FLAGS = ("--quiet", "-q", "--no-color")
 
 
+def _queue_name(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be a name without spaces, got {text!r}")
+    return text
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -48,7 +54,10 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND)",
     )
     parser.add_argument(
-        "--queue", metavar="NAME", help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')"
+        "--queue",
+        type=_queue_name,
+        metavar="NAME",
+        help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')",
     )
 
 

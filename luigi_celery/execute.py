@@ -144,7 +144,12 @@ def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publ
         check_complete_on_run=msg.check_complete_on_run,
     )
     process.timeout_seconds = msg.worker_timeout
-    process.run()
+    try:
+        process.run()
+    except Exception:
+        # The task's own on_failure (or an event handler) raised while Luigi handled
+        # its failure: TaskProcess has put FAILED without an explanation, then re-raised.
+        return _failed(msg, f"{msg.task_id} failed, and handling the failure raised:\n{traceback.format_exc()}")
     assert outcome.item is not None, "TaskProcess.run() always puts a result"
     _, status, expl, missing, new_deps = outcome.item
     return m.ResultMessage(

@@ -73,7 +73,7 @@ def _check_envelope(data: object, kinds: set[str]) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise MessageError(f"message must be a JSON object, got {type(data).__name__}")
     version = data.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise MessageError(f"unsupported message version {version!r} (this worker speaks {PROTOCOL_VERSION})")
     if data.get("kind") not in kinds:
         raise MessageError(f"unknown message kind {data.get('kind')!r}")

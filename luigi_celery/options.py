@@ -27,12 +27,10 @@ def _queue(value: Any) -> str:
 
 
 def _priority(value: Any) -> int:
-    if isinstance(value, bool):
+    # int("7") from the config, 7 from the class; never a bool, never a truncated 3.7
+    if isinstance(value, bool) or not isinstance(value, int | str) or not 0 <= int(value) <= 9:
         raise ValueError("must be an integer from 0 to 9")
-    number = int(value)
-    if not 0 <= number <= 9:
-        raise ValueError("must be an integer from 0 to 9")
-    return number
+    return int(value)
 
 
 # option name -> parser (accepts the class attribute's value or the config's string)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from kombu.utils.url import maybe_sanitize_url
 
 from luigi_celery.errors import ConfigError
 
@@ -31,11 +30,31 @@ HARD_TIME_LIMIT_GRACE = 10.0
 EMBEDDED_POLLING_INTERVAL = 0.01
 
 
+# user:password@ in a URL; the user part may be empty (redis://:password@host).
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:@/;]*):[^@/;]*@")
+_SECRET_KEYS = ("password", "secret", "token")
+
+
 def redact(url: str | None) -> str:
-    """Return ``url`` with its password hidden, for logs and error messages."""
+    """Return ``url`` with every password hidden, for logs and error messages.
+
+    Works on a ``;``-separated failover list and on URLs kombu's parser
+    rejects (a bad port, a Sentinel list): an error message about a bad URL
+    must never crash, nor show the password.
+    """
     if not url:
         return "<none>"
-    return str(maybe_sanitize_url(url, mask="****"))
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:****@", url)
+
+
+def _redact_options(value: Any) -> Any:
+    """``value`` with any nested key that names a secret masked."""
+    if isinstance(value, Mapping):
+        return {
+            k: "****" if any(s in str(k).lower() for s in _SECRET_KEYS) else _redact_options(v)
+            for k, v in value.items()
+        }
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class Settings:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["broker_url"] = redact(self.broker_url) if self.broker_url else None
         shown["result_backend"] = redact(self.result_backend) if self.result_backend else None
+        shown["broker_transport_options"] = _redact_options(self.broker_transport_options)
         inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"Settings({inner})"
 
