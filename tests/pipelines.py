@@ -205,3 +205,21 @@ class NeedsOtherModule(luigi.WrapperTask):
         from tests.pipelines_other import Elsewhere
 
         return Elsewhere(out=self.out)
+
+
+class Overlaps(OutTask):
+    """Sleeps a second, recording when it ran, so a test can see tasks run side by side."""
+
+    n = luigi.IntParameter()
+
+    def run(self):
+        started = time.time()
+        time.sleep(1)
+        self.write(f"{started} {time.time()} {os.getpid()}")
+
+
+class ThreeAtOnce(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return [Overlaps(out=self.out, n=n) for n in range(3)]

@@ -1,0 +1,57 @@
+"""The command line: what it parses itself, what it hands to Luigi, and embedded runs."""
+
+from __future__ import annotations
+
+import subprocess
+
+from luigi_celery.cli import make_argument_parser
+from tests.conftest import BIN, ROOT, clean_env, run_cli
+
+
+def parse(*argv: str):
+    return make_argument_parser().parse_known_args(list(argv))
+
+
+def test_run_takes_only_its_own_flags_and_never_abbreviations():
+    # Given task parameters that start like luigi-celery's flags
+    args, rest = parse("run", "--broker", "redis://h/0", "--module", "m", "T", "--brok", "x", "--queue-size", "3")
+    # Then only the exact flag is ours; the rest goes to Luigi untouched, in order
+    assert args.broker_url == "redis://h/0"
+    assert rest == ["--module", "m", "T", "--brok", "x", "--queue-size", "3"]
+
+
+def test_worker_hands_celery_options_through():
+    args, rest = parse("worker", "--include", "a.b", "c", "--concurrency", "4", "-Q", "gpu", "--autoscale", "8,2")
+    assert args.include == ["a.b", "c"]
+    assert rest == ["--concurrency", "4", "-Q", "gpu", "--autoscale", "8,2"]
+
+
+def test_bad_flags_are_one_clear_error():
+    bad_queue = run_cli("run", "--queue", "a b", "--module", "examples.sales", "Report")
+    assert bad_queue.returncode == 2 and "argument --queue: must be a name without spaces" in bad_queue.stdout
+    no_modules = run_cli("worker", "--broker", "redis://127.0.0.1:6379/11")
+    assert no_modules.returncode == 2
+    assert no_modules.stdout.strip() == (
+        "luigi-celery worker: error: no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES"
+    )
+    extra = run_cli("check", "--bogus")
+    assert extra.returncode == 2 and "unrecognized arguments: --bogus" in extra.stdout
+
+
+def test_embedded_tasks_run_in_worker_processes_side_by_side(tmp_path):
+    # Given no broker, three one-second tasks and --workers 3
+    process = subprocess.Popen(
+        [str(BIN / "luigi-celery"), "run", "--module", "tests.pipelines", "ThreeAtOnce", "--out", str(tmp_path),
+         "--workers", "3"],
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    runs = [tuple(map(float, p.read_text().split())) for p in tmp_path.glob("Overlaps_*.txt")]
+    assert len(runs) == 3
+    # Then none ran in the dispatcher, each had its own process, and they overlapped in time
+    pids = {int(pid) for _, _, pid in runs}
+    assert process.pid not in pids and len(pids) == 3
+    latest_start = max(start for start, _, _ in runs)
+    earliest_end = min(end for _, end, _ in runs)
+    assert latest_start < earliest_end  # all three were running at that moment
