@@ -223,3 +223,12 @@ class ThreeAtOnce(luigi.WrapperTask):
 
     def requires(self):
         return [Overlaps(out=self.out, n=n) for n in range(3)]
+
+
+class SleepsLong(OutTask):
+    """Runs long enough for a test to kill what runs it."""
+
+    def run(self):
+        _log_event(self.out, "RUNNING", self.task_id)
+        time.sleep(120)
+        self.write()

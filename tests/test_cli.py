@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 
 from luigi_celery.cli import make_argument_parser
 from tests.conftest import BIN, ROOT, clean_env, run_cli
@@ -55,3 +58,27 @@ def test_embedded_tasks_run_in_worker_processes_side_by_side(tmp_path):
     latest_start = max(start for start, _, _ in runs)
     earliest_end = min(end for _, end, _ in runs)
     assert latest_start < earliest_end  # all three were running at that moment
+
+
+def test_a_dead_embedded_pool_fails_the_run_instead_of_hanging(tmp_path):
+    # Given an embedded run with a long task in flight
+    process = subprocess.Popen(
+        [str(BIN / "luigi-celery"), "run", "--module", "tests.pipelines", "SleepsLong", "--out", str(tmp_path)],
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not (tmp_path / "events.log").exists() or "RUNNING" not in (tmp_path / "events.log").read_text():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    # When the pool dies under it
+    pool = subprocess.run(
+        ["pgrep", "-P", str(process.pid), "-f", "luigi_celery worker"], capture_output=True, text=True
+    )
+    pool_pid = int(pool.stdout.split()[0])
+    os.killpg(pool_pid, signal.SIGKILL)
+    killed = time.time()
+    # Then the run ends soon, failed, saying why
+    output, _ = process.communicate(timeout=60)
+    assert time.time() - killed < 15
+    assert process.returncode == 30
+    assert "the embedded Celery worker exited" in output
