@@ -16,6 +16,7 @@ from celery import Celery
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
 from luigi_celery.execute import register_execute
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
+from luigi_celery.store import RedisStore, redis_store_url
 
 # Celery's own queue priority range, used on RabbitMQ (x-max-priority).
 MAX_PRIORITY = 10
@@ -43,6 +44,8 @@ def make_app(settings: Settings) -> Celery:
     the broker lives in (the dispatcher creates it).
     """
     broker_url, transport, transport_options = settings.broker_url, None, {}
+    if broker_url and broker_url.startswith(("redis", "sentinel")):
+        transport_options["visibility_timeout"] = settings.visibility_timeout
     if settings.embedded:
         if not settings.embedded_dir:
             raise ValueError("the embedded broker needs settings.embedded_dir")
@@ -74,7 +77,8 @@ def make_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         include=list(settings.task_modules),
     )
-    register_execute(app, settings.task_modules)
+    store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
+    register_execute(app, settings.task_modules, RedisStore(store_url) if store_url else None, settings.lock_ttl)
     return app
 
 

@@ -59,6 +59,11 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')",
     )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="coordination store for run locks (env LUIGI_CELERY_REDIS_URL; default: the broker when it is Redis)",
+    )
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="run a Luigi pipeline on Celery workers (Luigi's own flags and task parameters follow)",
     )
     _add_connection_flags(run)
+    run.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="fail a task no worker has started after this long, if no worker consumes its queue (default 300)",
+    )
     run.add_argument(
         "--connect-timeout", type=_positive_float, metavar="SECONDS", help="give up reaching the broker after this long"
     )
@@ -106,7 +117,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "broker_url": args.broker_url,
         "result_backend": args.result_backend,
         "queue": args.queue,
+        "redis_url": args.redis_url,
         "connect_timeout": getattr(args, "connect_timeout", None),
+        "queue_timeout": getattr(args, "queue_timeout", None),
     }
     include = getattr(args, "include", None)
     if include:

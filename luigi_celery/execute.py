@@ -9,11 +9,14 @@ The outcome goes back to the dispatcher's reply queue as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import socket
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import luigi.worker
@@ -24,10 +27,15 @@ from luigi.task_register import TaskClassException
 from luigi_celery import message as m
 from luigi_celery.errors import MessageError
 from luigi_celery.results import publish_reply
+from luigi_celery.settings import DEFAULT_LOCK_TTL
+from luigi_celery.store import Store
 
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, dict[str, Any]], None]
+
+# The heartbeat refreshes a run lock this many times per lock TTL.
+HEARTBEATS_PER_TTL = 6
 
 
 def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
@@ -133,6 +141,16 @@ def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publ
         return _failed(
             msg, f"the rebuilt task has id {task.task_id}, not {msg.task_id}: worker and dispatcher code differ"
         )
+    if _already_complete(task):
+        # A redelivered or re-published message for work that is done: answer, don't redo.
+        logger.info("%s is already complete; not run again", msg.task_id)
+        return m.ResultMessage(
+            celery_id=msg.celery_id,
+            task_id=msg.task_id,
+            status=m.DONE,
+            expl="already complete",
+            host=socket.gethostname(),
+        )
 
     outcome = _OneResult()
     process = _WorkerTaskProcess(
@@ -162,6 +180,87 @@ def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publ
         event="timeout" if process.timed_out else None,
         host=socket.gethostname(),
     )
+
+
+def _already_complete(task: luigi.Task) -> bool:
+    if task.run is None or task.run == NotImplemented:  # an external task
+        return False  # its "run" is exactly this check, with Luigi's own explanation
+    if type(task).complete is luigi.Task.complete and not luigi.task.flatten(task.output()):
+        return False  # no outputs: Luigi's complete() is False (and warns, as the dispatcher already did)
+    try:
+        return bool(task.complete())
+    except Exception:
+        return False  # let the run itself meet (and report) the error
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps a run lock alive while its task runs."""
+
+    def __init__(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
+        super().__init__(name=f"luigi-celery-heartbeat-{task_id[:40]}", daemon=True)
+        self._store, self._task_id, self._owner, self._ttl = store, task_id, owner, ttl
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._ttl / HEARTBEATS_PER_TTL):
+            try:
+                if not self._store.refresh(self._task_id, self._owner, self._ttl):
+                    logger.error("lost the run lock of %s: another worker may start it", self._task_id)
+                    return
+            except Exception as e:  # the store is away for a moment: try again next beat
+                logger.warning("could not refresh the run lock of %s: %s", self._task_id, e)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def _died_here(holder: str) -> bool:
+    """True when ``holder`` (celery id|host|pid) was a process of this host that no longer exists."""
+    parts = holder.rsplit("|", 2)  # a Celery id may contain "|", a host name does not
+    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    pid = parts[2]
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, as another user
+    return False
+
+
+@contextlib.contextmanager
+def run_lock(store: Store | None, msg: m.TaskMessage, ttl: float) -> Iterator[bool]:
+    """Hold the run lock of ``msg``'s task while the block runs; yields False if someone else holds it.
+
+    Without a store (the embedded mode, RabbitMQ with no Redis configured) there
+    is no lock: the broker's redelivery and the complete() check are the guard.
+    """
+    if store is None:
+        yield True
+        return
+    owner = f"{msg.celery_id}|{socket.gethostname()}|{os.getpid()}"
+    holder = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+    if holder is not None and _died_here(holder):
+        # A process of this machine held it and is gone (a pool child killed, or
+        # out of memory): take over now instead of waiting for the lock to expire.
+        logger.warning("taking over %s from %s, which died", msg.task_id, holder)
+        store.release(msg.task_id, holder)
+        holder = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+    if holder is not None:
+        logger.warning("not running %s: it is already running as %s", msg.celery_id, holder)
+        yield False
+        return
+    heartbeat = _Heartbeat(store, msg.task_id, owner, ttl)
+    heartbeat.start()
+    try:
+        yield True
+    finally:
+        heartbeat.stop()
+        try:
+            store.release(msg.task_id, owner)
+        except Exception as e:  # it expires by itself
+            logger.warning("could not release the run lock of %s: %s", msg.task_id, e)
 
 
 def _partial_message(kwargs: dict[str, Any]) -> m.TaskMessage | None:
@@ -204,8 +303,10 @@ class ExecuteTask(Task):
             logger.exception("could not report the failure of %s", msg.task_id)
 
 
-def register_execute(app: Celery, allowed: tuple[str, ...]) -> Task:
-    """Add the execute task to ``app``; ``allowed`` is the module allowlist."""
+def register_execute(
+    app: Celery, allowed: tuple[str, ...], store: Store | None = None, lock_ttl: float = DEFAULT_LOCK_TTL
+) -> Task:
+    """Add the execute task to ``app``; ``allowed`` is the module allowlist, ``store`` holds run locks."""
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
         publish_reply(app, reply_to, payload)
@@ -222,8 +323,12 @@ def register_execute(app: Celery, allowed: tuple[str, ...]) -> Task:
             if partial is not None:
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
             raise Reject(str(e), requeue=False) from e
-        result = run_task_message(msg, allowed, publish)
-        publish(msg.reply_to, result.to_dict())
+        with run_lock(store, msg, lock_ttl) as held:
+            if not held:
+                return {"duplicate": msg.celery_id}
+            result = run_task_message(msg, allowed, publish)
+            # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
+            publish(msg.reply_to, result.to_dict())
         return result.to_dict()
 
     return execute

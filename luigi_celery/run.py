@@ -9,6 +9,7 @@ from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, fa
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
+from luigi_celery.store import RedisStore, redis_store_url
 
 
 def report_failures(worker: CeleryWorker) -> None:
@@ -28,7 +29,9 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     if settings.embedded:
         settings = settings.replace(embedded_dir=make_embedded_dir())
     app = make_app(settings)
-    sender = Sender(app, settings)
+    store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
+    store = RedisStore(store_url) if store_url else None
+    sender = Sender(app, settings, store=store)
     embedded: list[EmbeddedWorker] = []
 
     def start_sender(worker_count: int) -> None:
@@ -40,6 +43,8 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
             )
         else:
             check_broker(app, settings.connect_timeout)
+            if store is not None:
+                store.ping()
         sender.start()
 
     def start_embedded_pool(modules: set[str]) -> None:

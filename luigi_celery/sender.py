@@ -8,21 +8,25 @@ and calls the flight back from the watcher thread when a reply arrives.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import luigi
 from celery import Celery
 
 from luigi_celery import message as m
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError
+from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
 from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
+from luigi_celery.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +61,28 @@ def check_broker(app: Celery, timeout: float) -> None:
 class Sender:
     """Publishes tasks for one run and matches the replies to what is in flight."""
 
-    def __init__(self, app: Celery, settings: Settings, run_id: str | None = None) -> None:
+    def __init__(self, app: Celery, settings: Settings, run_id: str | None = None, store: Store | None = None) -> None:
         self.app = app
         self.settings = settings
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.reply_to = reply_queue_name(self.run_id)
-        self._in_flight: dict[str, Flight] = {}
+        self.store = store
+        # every Celery id of every attempt still in flight -> its task's record
+        self._in_flight: dict[str, Tracked] = {}
         self._lock = threading.Lock()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._broken: str | None = None
         self._health_checks: list[Callable[[], str | None]] = []
         self._watcher = ResultWatcher(app, self.reply_to, self._on_reply, self._tick)
+        self._monitor = Monitor(
+            self.run_id,
+            store,
+            self.snapshot,
+            self.republish,
+            self._fail_tracked,
+            self._consumed_queues,
+            queue_timeout=None if settings.embedded else settings.queue_timeout,
+        )
         # The dispatcher's Luigi [worker] settings that travel with each task.
         self.check_unfulfilled_deps = True
         self.check_complete_on_run = False
@@ -85,12 +100,14 @@ class Sender:
         self._watcher.start()
         if not self._watcher.ready.wait(self.settings.connect_timeout):
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
+        self._monitor.start()
 
     def close(self) -> None:
         # No join: nothing is left to consume, and kombu's Redis transport only lets
-        # go of a blocking BRPOP after its timeout (up to a second). The watcher is
-        # a daemon thread and stops by itself.
+        # go of a blocking BRPOP after its timeout (up to a second). Both threads are
+        # daemons and stop by themselves.
         self._watcher.stop()
+        self._monitor.stop()
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
@@ -116,68 +133,80 @@ class Sender:
         except (DispatchRefused, ConfigError) as e:
             self._fail(flight, f"luigi-celery refused to dispatch {task.task_id}: {e}")
             return
-
-        self._attempts[task.task_id] += 1
         msg = m.TaskMessage(
             task_id=task.task_id,
             module=task.task_module,
             family=task.task_family,
             params=params,
-            attempt=self._attempts[task.task_id],
+            attempt=1,
             run_id=self.run_id,
             reply_to=self.reply_to,
             check_unfulfilled_deps=self.check_unfulfilled_deps,
             check_complete_on_run=self.check_complete_on_run,
             worker_timeout=flight.worker_timeout or None,
         )
-        limits = {}
+        publish_options: dict[str, Any] = {"queue": options.queue or self.settings.queue, "priority": options.priority}
         if msg.worker_timeout:
-            limits = {"soft_time_limit": msg.worker_timeout, "time_limit": msg.worker_timeout + HARD_TIME_LIMIT_GRACE}
-        # Registered before publishing: a fast worker can reply before publish() returns.
+            publish_options["soft_time_limit"] = msg.worker_timeout
+            publish_options["time_limit"] = msg.worker_timeout + HARD_TIME_LIMIT_GRACE
+        self._publish(Tracked(flight, msg, publish_options["queue"], publish_options))
+
+    def republish(self, tracked: Tracked) -> None:
+        """Publish ``tracked`` again under a new attempt (its worker died)."""
         with self._lock:
-            self._in_flight[msg.celery_id] = flight
+            if tracked.msg.celery_id not in self._in_flight:
+                return  # its reply arrived meanwhile
+        tracked.started, tracked.lock_gone_since, tracked.waiting_since = False, None, time.monotonic()
+        self._publish(tracked)
+
+    def _publish(self, tracked: Tracked) -> None:
+        task_id = tracked.msg.task_id
+        with self._lock:
+            self._attempts[task_id] += 1
+            tracked.msg = dataclasses.replace(tracked.msg, attempt=self._attempts[task_id])
+            celery_id = tracked.msg.celery_id
+            tracked.celery_ids.append(celery_id)
+            # Registered before publishing: a fast worker can reply before publish() returns.
+            self._in_flight[celery_id] = tracked
         try:
             self.app.send_task(
                 m.TASK_NAME,
-                kwargs={"message": msg.to_dict()},
-                task_id=msg.celery_id,
-                queue=options.queue or self.settings.queue,
-                priority=options.priority,
-                shadow=task.task_id,
+                kwargs={"message": tracked.msg.to_dict()},
+                task_id=celery_id,
+                shadow=task_id,
                 ignore_result=self.settings.result_backend is None,
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
-                **limits,
+                **tracked.publish_options,
             )
         except Exception as e:
-            with self._lock:
-                self._in_flight.pop(msg.celery_id, None)
-            self._fail(flight, f"could not publish {task.task_id} to {redact(self.app.conf.broker_url)}: {e}")
+            self._fail_tracked(tracked, f"could not publish {task_id} to {redact(self.app.conf.broker_url)}: {e}")
             return
-        logger.debug("sent %s as %s", task.task_id, msg.celery_id)
+        logger.debug("sent %s as %s", task_id, celery_id)
 
     def revoke(self, flight: Flight) -> None:
         """Ask the workers not to start ``flight`` (best effort)."""
         with self._lock:
-            ids = [cid for cid, f in self._in_flight.items() if f is flight]
+            ids = [cid for cid, t in self._in_flight.items() if t.flight is flight]
         for cid in ids:
             try:
                 self.app.control.revoke(cid)
             except Exception as e:
                 logger.warning("could not revoke %s: %s", cid, e)
 
-    def in_flight(self) -> int:
+    def snapshot(self) -> list[Tracked]:
+        """Each task in flight, once."""
         with self._lock:
-            return len(self._in_flight)
+            return list({id(t): t for t in self._in_flight.values()}.values())
+
+    def in_flight(self) -> int:
+        return len(self.snapshot())
 
     def fail_all(self, reason: str) -> None:
         """Fail every task in flight (and every later send) with ``reason``."""
         self._broken = reason
-        with self._lock:
-            flights = list(self._in_flight.values())
-            self._in_flight.clear()
-        for flight in flights:
-            self._fail(flight, reason)
+        for tracked in self.snapshot():
+            self._fail_tracked(tracked, reason)
 
     # --- replies (watcher thread) --------------------------------------------
 
@@ -188,22 +217,33 @@ class Sender:
             logger.error("dropped an invalid reply on %s: %s", self.reply_to, e)
             return
         with self._lock:
-            if isinstance(reply, m.ResultMessage):
-                flight = self._in_flight.pop(reply.celery_id, None)
-            else:
-                flight = self._in_flight.get(reply.celery_id)
-        if flight is None:
+            tracked = self._in_flight.get(reply.celery_id)
+            if tracked is not None and isinstance(reply, m.ResultMessage):
+                self._forget(tracked)
+        if tracked is None:
             logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
         elif isinstance(reply, m.ResultMessage):
-            flight.on_result(reply)
+            tracked.flight.on_result(reply)
         else:
-            flight.on_status(reply)
+            tracked.flight.on_status(reply)
 
     def _tick(self) -> None:
         for check in self._health_checks:
             problem = check()
             if problem:
                 self.fail_all(problem)
+
+    def _forget(self, tracked: Tracked) -> None:
+        """Drop every attempt of ``tracked``; the caller holds the lock."""
+        for cid in tracked.celery_ids:
+            self._in_flight.pop(cid, None)
+
+    def _fail_tracked(self, tracked: Tracked, expl: str) -> None:
+        with self._lock:
+            if tracked.msg.celery_id not in self._in_flight:
+                return  # already answered
+            self._forget(tracked)
+        self._fail(tracked.flight, expl)
 
     def _fail(self, flight: Flight, expl: str) -> None:
         logger.error("%s", expl)
@@ -212,3 +252,12 @@ class Sender:
                 celery_id="", task_id=flight.task.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()
             )
         )
+
+    def _consumed_queues(self) -> set[str] | None:
+        """The queues some worker consumes right now, or None if the workers could not be asked."""
+        try:
+            answers = self.app.control.inspect(timeout=2.0).active_queues() or {}
+        except Exception as e:
+            logger.warning("could not ask the workers which queues they consume: %s", e)
+            return None
+        return {q["name"] for queues in answers.values() for q in queues}

@@ -28,6 +28,15 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 HARD_TIME_LIMIT_GRACE = 10.0
 # How often the embedded worker polls its folder for messages.
 EMBEDDED_POLLING_INTERVAL = 0.01
+# A task's run lock expires this long after its worker's last heartbeat; the
+# dispatcher publishes the task again soon after (so: "within about a minute").
+DEFAULT_LOCK_TTL = 30.0
+# A task no worker has started after this long fails, if no worker consumes its queue.
+DEFAULT_QUEUE_TIMEOUT = 300.0
+# Redis hands an unacknowledged message to another worker after this long; it
+# must exceed the longest task (a dead worker's task is recovered through its
+# run lock well before).
+DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600.0
 
 
 # user:password@ in a URL; the user part may be empty (redis://:password@host).
@@ -66,6 +75,8 @@ class Settings:
     """
 
     broker_url: str | None = None
+    # Coordination store (run locks); defaults to the broker when it is Redis.
+    redis_url: str | None = None
     # Optional Celery result backend, for other tools (Flower, inspection); the
     # dispatcher reads results from its own reply queue and never needs it.
     result_backend: str | None = None
@@ -74,6 +85,9 @@ class Settings:
     # The Celery queue tasks go to unless a task says `celery_queue`.
     queue: str = DEFAULT_QUEUE
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    lock_ttl: float = DEFAULT_LOCK_TTL
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
     embedded_dir: str | None = None
     broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -86,6 +100,7 @@ class Settings:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["broker_url"] = redact(self.broker_url) if self.broker_url else None
         shown["result_backend"] = redact(self.result_backend) if self.result_backend else None
+        shown["redis_url"] = redact(self.redis_url) if self.redis_url else None
         shown["broker_transport_options"] = _redact_options(self.broker_transport_options)
         inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"Settings({inner})"
@@ -114,10 +129,14 @@ def _queue_name(value: str) -> str:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "broker_url": str,
+    "redis_url": str,
     "result_backend": str,
     "task_modules": _modules,
     "queue": _queue_name,
     "connect_timeout": _positive_float,
+    "lock_ttl": _positive_float,
+    "queue_timeout": _positive_float,
+    "visibility_timeout": _positive_float,
     "embedded_dir": str,
 }
 

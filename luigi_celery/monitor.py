@@ -1,0 +1,151 @@
+"""Watch what is in flight: re-publish lost tasks, fail tasks no worker will take.
+
+Every ``interval`` seconds, in one round trip to the coordination store, the
+monitor learns which tasks in flight have started and which still hold a
+live run lock:
+
+- a task that started, whose lock then expired (its worker stopped beating)
+  and whose reply has not come within ``grace`` is **lost**: it is published
+  again under a new attempt;
+- a task that has not started after ``queue_timeout`` seconds is failed with
+  a message naming its queue, but only when no worker consumes that queue (a
+  busy pool is not a reason to fail).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from luigi_celery import message as m
+from luigi_celery.store import Store
+
+if TYPE_CHECKING:
+    from luigi_celery.sender import Flight
+
+logger = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 5.0
+
+
+@dataclass
+class Tracked:
+    """One task in flight, over all the attempts this run made at it."""
+
+    flight: Flight
+    msg: m.TaskMessage  # the latest attempt
+    queue: str
+    publish_options: dict[str, Any]
+    waiting_since: float = field(default_factory=time.monotonic)
+    started: bool = False
+    lock_gone_since: float | None = None
+    celery_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdicts:
+    lost: list[Tracked] = field(default_factory=list)
+    waited_too_long: list[Tracked] = field(default_factory=list)
+
+
+def judge(
+    tracked: list[Tracked],
+    locks: list[bool],
+    started: list[bool],
+    now: float,
+    grace: float,
+    queue_timeout: float | None,
+) -> Verdicts:
+    """Update ``tracked`` with what the store says and sort out the lost and the waiting.
+
+    ``locks[i]`` says whether ``tracked[i]``'s task holds a live run lock;
+    ``started[i]`` whether any of its attempts has started.
+    """
+    verdicts = Verdicts()
+    for t, lock, has_started in zip(tracked, locks, started, strict=True):
+        t.started = t.started or has_started or lock
+        if not t.started:
+            if queue_timeout is not None and now - t.waiting_since > queue_timeout:
+                verdicts.waited_too_long.append(t)
+        elif lock:
+            t.lock_gone_since = None
+        elif t.lock_gone_since is None:
+            t.lock_gone_since = now  # its reply may be on the way: give it a moment
+        elif now - t.lock_gone_since >= grace:
+            verdicts.lost.append(t)
+    return verdicts
+
+
+class Monitor(threading.Thread):
+    """Runs :func:`judge` every ``interval`` seconds and acts on the verdicts."""
+
+    def __init__(
+        self,
+        run_id: str,
+        store: Store | None,
+        snapshot: Callable[[], list[Tracked]],
+        republish: Callable[[Tracked], None],
+        fail: Callable[[Tracked, str], None],
+        consumed_queues: Callable[[], set[str] | None],
+        queue_timeout: float | None,
+        interval: float = CHECK_INTERVAL,
+    ) -> None:
+        super().__init__(name="luigi-celery-monitor", daemon=True)
+        self._run_id = run_id
+        self._store = store
+        self._snapshot = snapshot
+        self._republish = republish
+        self._fail = fail
+        self._consumed_queues = consumed_queues
+        self._queue_timeout = queue_timeout
+        self._interval = interval
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                self.check()
+            except Exception as e:  # the store or the broker is away: try again next time
+                logger.warning("could not check the tasks in flight: %s", e)
+
+    def check(self) -> None:
+        tracked = self._snapshot()
+        if not tracked:
+            return
+        if self._store is not None:
+            locks, started = self._store.status(
+                self._run_id, [t.msg.task_id for t in tracked], [cid for t in tracked for cid in t.celery_ids]
+            )
+            started_by_task, i = [], 0
+            for t in tracked:
+                started_by_task.append(any(started[i : i + len(t.celery_ids)]))
+                i += len(t.celery_ids)
+        else:  # no store: nothing is known to have started; the queue check still works
+            locks, started_by_task = [False] * len(tracked), [False] * len(tracked)
+        verdicts = judge(tracked, locks, started_by_task, time.monotonic(), self._interval, self._queue_timeout)
+        for t in verdicts.lost:
+            logger.warning("%s stopped beating on its worker; publishing it again", t.msg.task_id)
+            self._republish(t)
+        if verdicts.waited_too_long:
+            self._handle_waiting(verdicts.waited_too_long)
+
+    def _handle_waiting(self, waiting: list[Tracked]) -> None:
+        consumed = self._consumed_queues()
+        if consumed is None:
+            return  # could not ask the workers; ask again next time
+        for t in waiting:
+            if t.queue in consumed:
+                t.waiting_since = time.monotonic()  # a worker serves it: the pool is just busy
+            else:
+                self._fail(
+                    t,
+                    f"{t.msg.task_id} was not picked up within {self._queue_timeout:g} s: "
+                    f"no worker consumes queue {t.queue!r} (start one with: luigi-celery worker -Q {t.queue} ...)",
+                )

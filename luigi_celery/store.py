@@ -1,0 +1,168 @@
+"""The coordination store: run locks with a heartbeat, and start marks.
+
+A worker takes the run lock of a Luigi task before running it and keeps it
+alive with a heartbeat; a second delivery of the same task (a redelivered
+message, a re-published attempt) finds the lock held and does not run.  The
+dispatcher reads, in bulk, which of its tasks have started and which locks
+are still alive: a started task whose lock expired without a result ran on a
+worker that died, and is published again.
+
+Two implementations with the same semantics: :class:`RedisStore` (atomic
+Lua scripts, expiry on the Redis server's clock) and :class:`MemoryStore`
+(one process; for tests and single-process use).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+import redis
+
+from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.settings import redact
+
+KEY_PREFIX = "luigi-celery:"
+# Start marks of a run live this long after the last one (a run longer than that
+# keeps them alive by starting tasks).
+START_MARK_TTL = 7 * 24 * 3600
+
+
+def lock_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}lock:{task_id}"
+
+
+def starts_key(run_id: str) -> str:
+    return f"{KEY_PREFIX}started:{run_id}"
+
+
+class Store(Protocol):
+    """What luigi-celery keeps in the coordination store."""
+
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        """Take the run lock of ``task_id`` and mark ``celery_id`` started; return None.
+
+        When the lock is already held, change nothing and return the holder.
+        """
+
+    def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
+        """Extend the lock if ``owner`` still holds it; False when it was lost."""
+
+    def release(self, task_id: str, owner: str) -> None:
+        """Drop the lock if ``owner`` holds it."""
+
+    def status(self, run_id: str, task_ids: list[str], celery_ids: list[str]) -> tuple[list[bool], list[bool]]:
+        """(lock held, per task id), (started, per celery id), in one round trip."""
+
+
+class MemoryStore:
+    """The in-process twin of :class:`RedisStore` (same semantics, monotonic clock)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[str, float]] = {}
+        self._started: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def _holder(self, task_id: str) -> str | None:
+        held = self._locks.get(task_id)
+        if held is None or held[1] <= time.monotonic():
+            self._locks.pop(task_id, None)
+            return None
+        return held[0]
+
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        with self._lock:
+            holder = self._holder(task_id)
+            if holder is not None:
+                return holder
+            self._locks[task_id] = (owner, time.monotonic() + ttl)
+            self._started.setdefault(run_id, set()).add(celery_id)
+            return None
+
+    def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
+        with self._lock:
+            if self._holder(task_id) != owner:
+                return False
+            self._locks[task_id] = (owner, time.monotonic() + ttl)
+            return True
+
+    def release(self, task_id: str, owner: str) -> None:
+        with self._lock:
+            if self._holder(task_id) == owner:
+                del self._locks[task_id]
+
+    def status(self, run_id: str, task_ids: list[str], celery_ids: list[str]) -> tuple[list[bool], list[bool]]:
+        with self._lock:
+            started = self._started.get(run_id, set())
+            return [self._holder(t) is not None for t in task_ids], [c in started for c in celery_ids]
+
+
+# KEYS: lock, start marks; ARGV: owner, ttl ms, celery id, start-mark ttl s.
+# Returns nil when the lock was taken, else the current holder.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], ARGV[3], redis.call('TIME')[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  return nil
+end
+return redis.call('GET', KEYS[1])
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Run locks and start marks in Redis; every decision is one atomic script."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, decode_responses=True)
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._refresh = self._client.register_script(_REFRESH)
+        self._release = self._client.register_script(_RELEASE)
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
+
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        keys = [lock_key(task_id), starts_key(run_id)]
+        holder = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
+        return None if holder is None else str(holder)
+
+    def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
+        return bool(self._refresh(keys=[lock_key(task_id)], args=[owner, int(ttl * 1000)]))
+
+    def release(self, task_id: str, owner: str) -> None:
+        self._release(keys=[lock_key(task_id)], args=[owner])
+
+    def status(self, run_id: str, task_ids: list[str], celery_ids: list[str]) -> tuple[list[bool], list[bool]]:
+        if not task_ids and not celery_ids:
+            return [], []
+        pipe = self._client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.exists(lock_key(task_id))
+        if celery_ids:
+            pipe.hmget(starts_key(run_id), celery_ids)
+        results = pipe.execute()
+        locks = [bool(n) for n in results[: len(task_ids)]]
+        started = [v is not None for v in results[len(task_ids)]] if celery_ids else []
+        return locks, started
+
+
+def redis_store_url(broker_url: str | None, redis_url: str | None) -> str | None:
+    """The coordination store's URL: ``redis_url``, else the broker when it is Redis."""
+    if redis_url:
+        return redis_url
+    if broker_url and broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        return broker_url.split(";", 1)[0]
+    return None

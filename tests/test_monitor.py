@@ -1,0 +1,55 @@
+"""The monitor's verdicts: which tasks are lost, which waited for a queue nobody serves."""
+
+from __future__ import annotations
+
+from luigi_celery import message as m
+from luigi_celery.monitor import Monitor, Tracked, judge
+
+
+def tracked(name: str = "T", queue: str = "q", waiting_since: float = 0.0) -> Tracked:
+    msg = m.TaskMessage(task_id=name, module="x", family="X", params={}, attempt=1, run_id="r", reply_to="r")
+    return Tracked(flight=None, msg=msg, queue=queue, publish_options={}, waiting_since=waiting_since,
+                   celery_ids=[msg.celery_id])  # fmt: skip
+
+
+def test_a_started_task_whose_lock_is_gone_is_lost_after_the_grace():
+    t = tracked()
+    assert judge([t], locks=[True], started=[True], now=10, grace=5, queue_timeout=None).lost == []
+    assert judge([t], locks=[False], started=[True], now=20, grace=5, queue_timeout=None).lost == []  # grace starts
+    assert judge([t], locks=[False], started=[True], now=24, grace=5, queue_timeout=None).lost == []
+    assert judge([t], locks=[False], started=[True], now=25, grace=5, queue_timeout=None).lost == [t]
+
+
+def test_a_beating_lock_resets_the_grace():
+    t = tracked()
+    judge([t], locks=[False], started=[True], now=20, grace=5, queue_timeout=None)
+    judge([t], locks=[True], started=[True], now=22, grace=5, queue_timeout=None)
+    assert judge([t], locks=[False], started=[True], now=26, grace=5, queue_timeout=None).lost == []
+
+
+def test_a_task_never_started_is_not_lost_but_may_have_waited_too_long():
+    t = tracked(waiting_since=0)
+    verdicts = judge([t], locks=[False], started=[False], now=100, grace=5, queue_timeout=60)
+    assert verdicts.lost == [] and verdicts.waited_too_long == [t]
+    assert judge([t], locks=[False], started=[False], now=50, grace=5, queue_timeout=60).waited_too_long == []
+    assert judge([t], locks=[False], started=[False], now=100, grace=5, queue_timeout=None).waited_too_long == []
+
+
+def _monitor(consumed, failed):
+    return Monitor("r", None, lambda: [], lambda t: None, lambda t, why: failed.append((t, why)),
+                   lambda: consumed, queue_timeout=60)  # fmt: skip
+
+
+def test_waiting_on_a_queue_a_worker_consumes_is_only_a_busy_pool():
+    failed: list = []
+    busy, orphan = tracked("A", queue="served", waiting_since=0), tracked("B", queue="lonely", waiting_since=0)
+    _monitor({"served"}, failed)._handle_waiting([busy, orphan])
+    assert [t for t, _ in failed] == [orphan]
+    assert "no worker consumes queue 'lonely'" in failed[0][1] and "not picked up within 60 s" in failed[0][1]
+    assert busy.waiting_since > 0  # its clock starts again
+
+
+def test_when_the_workers_cannot_be_asked_nothing_is_failed():
+    failed: list = []
+    _monitor(None, failed)._handle_waiting([tracked(queue="lonely")])
+    assert failed == []

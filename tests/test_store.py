@@ -1,0 +1,107 @@
+"""The coordination store's contract, run against the in-memory twin and real Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from luigi_celery import message as m
+from luigi_celery.execute import _died_here, run_lock
+from luigi_celery.store import MemoryStore, RedisStore, redis_store_url
+from tests.conftest import REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    request.getfixturevalue("brokers")  # fails, never skips, without Redis
+    return RedisStore(REDIS_URL)
+
+
+@pytest.fixture
+def ids():
+    tag = uuid.uuid4().hex[:8]
+    return f"Task_{tag}", f"run-{tag}"
+
+
+def test_one_owner_at_a_time(store, ids):
+    task_id, run_id = ids
+    assert store.acquire(task_id, "a", 5, run_id, "c1") is None
+    # Then a second taker is told who holds it, and takes nothing
+    assert store.acquire(task_id, "b", 5, run_id, "c2") == "a"
+    locks, started = store.status(run_id, [task_id], ["c1", "c2"])
+    assert locks == [True] and started == [True, False]
+
+
+def test_only_the_owner_refreshes_or_releases(store, ids):
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 5, run_id, "c1")
+    assert store.refresh(task_id, "b", 5) is False
+    store.release(task_id, "b")
+    assert store.acquire(task_id, "b", 5, run_id, "c2") == "a"
+    assert store.refresh(task_id, "a", 5) is True
+    store.release(task_id, "a")
+    assert store.acquire(task_id, "b", 5, run_id, "c2") is None
+
+
+def test_a_lock_without_heartbeat_expires_but_the_start_mark_stays(store, ids):
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.3, run_id, "c1")
+    time.sleep(0.5)
+    assert store.refresh(task_id, "a", 5) is False
+    assert store.status(run_id, [task_id], ["c1"]) == ([False], [True])
+    assert store.acquire(task_id, "b", 5, run_id, "c2") is None
+
+
+def test_a_heartbeat_keeps_a_lock_alive(store, ids):
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.4, run_id, "c1")
+    for _ in range(4):
+        time.sleep(0.2)
+        assert store.refresh(task_id, "a", 0.4)
+    assert store.status(run_id, [task_id], [])[0] == [True]
+
+
+def test_the_store_defaults_to_a_redis_broker():
+    assert redis_store_url("redis://h:6379/1", None) == "redis://h:6379/1"
+    assert redis_store_url("amqp://h//", None) is None
+    assert redis_store_url("amqp://h//", "redis://s/2") == "redis://s/2"
+
+
+def _msg(task_id: str, run_id: str, attempt: int = 1) -> m.TaskMessage:
+    return m.TaskMessage(
+        task_id=task_id, module="x", family="X", params={}, attempt=attempt, run_id=run_id, reply_to="r"
+    )
+
+
+def test_run_lock_lets_one_delivery_run_and_keeps_the_lock_beating(ids):
+    task_id, run_id = ids
+    store = MemoryStore()
+    with run_lock(store, _msg(task_id, run_id), ttl=0.3) as held:
+        assert held
+        with run_lock(store, _msg(task_id, run_id, attempt=2), ttl=0.3) as second:
+            assert not second  # a duplicate does not run
+        time.sleep(0.6)  # twice the TTL: only the heartbeat keeps it
+        assert store.status(run_id, [task_id], [])[0] == [True]
+    assert store.status(run_id, [task_id], [])[0] == [False]  # released at the end
+
+
+def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
+    task_id, run_id = ids
+    store = MemoryStore()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.acquire(task_id, f"{task_id}.x.1|{socket.gethostname()}|{dead.pid}", 60, run_id, "c1")
+    assert _died_here(f"a|b|c|{socket.gethostname()}|{dead.pid}")
+    with run_lock(store, _msg(task_id, run_id, attempt=2), ttl=5) as held:
+        assert held
+    # but a live holder, or one on another host, is left alone
+    assert not _died_here(f"c|{socket.gethostname()}|{os.getpid()}")
+    assert not _died_here(f"c|another-host|{dead.pid}")
