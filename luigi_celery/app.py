@@ -44,7 +44,8 @@ def make_app(settings: Settings) -> Celery:
     the broker lives in (the dispatcher creates it).
     """
     broker_url, transport, transport_options = settings.broker_url, None, {}
-    if broker_url and broker_url.startswith(("redis", "sentinel")):
+    redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
+    if redis_broker:
         transport_options["visibility_timeout"] = settings.visibility_timeout
     if settings.embedded:
         if not settings.embedded_dir:
@@ -72,6 +73,9 @@ def make_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Redis: fetch a message only when a process is free to run it, so a worker
+        # that dies holds as few not-yet-started messages as possible.
+        worker_disable_prefetch=redis_broker,
         # Events for Flower, and the include list is imported before the pool forks.
         worker_send_task_events=True,
         task_send_sent_event=True,

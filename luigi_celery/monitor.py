@@ -8,8 +8,12 @@ live run lock:
   and whose reply has not come within ``grace`` is **lost**: it is published
   again under a new attempt;
 - a task that has not started after ``queue_timeout`` seconds is failed with
-  a message naming its queue, but only when no worker consumes that queue (a
-  busy pool is not a reason to fail).
+  a message naming its queue when no worker consumes that queue.  When some
+  worker does, the pool may just be busy, or a worker may have died holding
+  the message before starting it (on Redis it would come back only after the
+  visibility timeout): with a store, the task is published again (the run
+  lock and the complete() check make the copy harmless); without one, its
+  clock starts again.
 """
 
 from __future__ import annotations
@@ -142,7 +146,11 @@ class Monitor(threading.Thread):
             return  # could not ask the workers; ask again next time
         for t in waiting:
             if t.queue in consumed:
-                t.waiting_since = time.monotonic()  # a worker serves it: the pool is just busy
+                if self._store is not None:
+                    logger.info("%s has not started on served queue %r; publishing it again", t.msg.task_id, t.queue)
+                    self._republish(t)
+                else:
+                    t.waiting_since = time.monotonic()
             else:
                 self._fail(
                     t,

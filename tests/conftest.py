@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +92,9 @@ class WorkerProcess:
                 self.process.wait()
 
 
-def start_worker(broker: str, queue: str, log_dir: Path, concurrency: int = 2) -> WorkerProcess:
+def start_worker(
+    broker: str, queue: str, log_dir: Path, concurrency: int = 2, env: dict[str, str] | None = None
+) -> WorkerProcess:
     name = f"w{uuid.uuid4().hex[:6]}"
     log = log_dir / f"{name}.log"
     process = subprocess.Popen(
@@ -117,7 +119,7 @@ def start_worker(broker: str, queue: str, log_dir: Path, concurrency: int = 2) -
             "--without-mingle",
         ],  # fmt: skip
         cwd=ROOT,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -139,9 +141,23 @@ class Pool:
     broker: str
     queue: str
     workers: list[WorkerProcess]
+    env: dict[str, str] | None = None
+
+    def command(self, *args: str) -> list[str]:
+        return [str(BIN / "luigi-celery"), "run", "--broker", self.broker, "--queue", self.queue, *args]
 
     def run(self, *args: str, timeout: float = 120):
-        return run_cli("run", "--broker", self.broker, "--queue", self.queue, *args, timeout=timeout)
+        return run_cli("run", "--broker", self.broker, "--queue", self.queue, *args, timeout=timeout,
+                       env=clean_env(**(self.env or {})))  # fmt: skip
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """Start a run in the background (output in .stdout)."""
+        return subprocess.Popen(self.command(*args), cwd=ROOT, env=clean_env(**(self.env or {})),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def worker_of(self, pid: int) -> WorkerProcess:
+        """The worker whose pool process ``pid`` is (from its '[pid N] Worker' log lines)."""
+        return next(w for w in self.workers if f"[pid {pid}]" in w.output())
 
     def logs(self) -> str:
         return "\n".join(w.output() for w in self.workers)
@@ -155,6 +171,25 @@ def _pool(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Poo
         yield Pool(broker, queue, workers)
     finally:
         for worker in workers:
+            worker.stop()
+
+
+@pytest.fixture
+def fresh_pool(brokers, tmp_path) -> Iterator[Callable[..., Pool]]:
+    """Makes pools of their own (for tests that kill workers); stops them at the end."""
+    made: list[Pool] = []
+
+    def make(broker: str, count: int = 2, concurrency: int = 2, **env: str) -> Pool:
+        queue = f"lc-test-{uuid.uuid4().hex[:10]}"
+        log_dir = tmp_path / f"workers-{len(made)}"
+        log_dir.mkdir()
+        pool = Pool(broker, queue, [start_worker(broker, queue, log_dir, concurrency, env) for _ in range(count)], env)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        for worker in pool.workers:
             worker.stop()
 
 

@@ -232,3 +232,32 @@ class SleepsLong(OutTask):
         _log_event(self.out, "RUNNING", self.task_id)
         time.sleep(120)
         self.write()
+
+
+class Slow(OutTask):
+    """Takes ``seconds``; its START events count how often it began."""
+
+    n = luigi.IntParameter()
+    seconds = luigi.FloatParameter(default=3.0)
+
+    def run(self):
+        time.sleep(self.seconds)
+        self.write(f"slow {self.n}")
+
+
+class ManySlow(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+    count = luigi.IntParameter(default=4)
+    seconds = luigi.FloatParameter(default=3.0)
+
+    def requires(self):
+        return [Slow(out=self.out, n=n, seconds=self.seconds) for n in range(self.count)]
+
+
+class Unserved(OutTask):
+    """Goes to a queue no test worker consumes."""
+
+    celery_queue = os.environ.get("LC_TEST_UNSERVED_QUEUE", "lc-test-nobody-serves-this")
+
+    def run(self):
+        self.write()

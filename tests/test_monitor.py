@@ -35,9 +35,9 @@ def test_a_task_never_started_is_not_lost_but_may_have_waited_too_long():
     assert judge([t], locks=[False], started=[False], now=100, grace=5, queue_timeout=None).waited_too_long == []
 
 
-def _monitor(consumed, failed):
-    return Monitor("r", None, lambda: [], lambda t: None, lambda t, why: failed.append((t, why)),
-                   lambda: consumed, queue_timeout=60)  # fmt: skip
+def _monitor(consumed, failed, store=None, republished=None):
+    return Monitor("r", store, lambda: [], (republished if republished is not None else []).append,
+                   lambda t, why: failed.append((t, why)), lambda: consumed, queue_timeout=60)  # fmt: skip
 
 
 def test_waiting_on_a_queue_a_worker_consumes_is_only_a_busy_pool():
@@ -53,3 +53,14 @@ def test_when_the_workers_cannot_be_asked_nothing_is_failed():
     failed: list = []
     _monitor(None, failed)._handle_waiting([tracked(queue="lonely")])
     assert failed == []
+
+
+def test_with_a_store_a_task_waiting_on_a_served_queue_is_published_again():
+    # (a worker may have died holding it before it started; the run lock makes a copy harmless)
+    from luigi_celery.store import MemoryStore
+
+    failed: list = []
+    republished: list = []
+    waiting = tracked("A", queue="served", waiting_since=0)
+    _monitor({"served"}, failed, store=MemoryStore(), republished=republished)._handle_waiting([waiting])
+    assert republished == [waiting] and failed == []
