@@ -152,7 +152,7 @@ def _import_pipeline_modules(luigi_argv: Sequence[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
-    from luigi_celery.run import run_pipeline
+    from luigi_celery.run import install_signal_handlers, run_pipeline
 
     # Like `python -m` and `celery -A`: the pipeline's modules import from the current folder.
     if os.getcwd() not in sys.path:
@@ -161,6 +161,7 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     _import_pipeline_modules(luigi_argv)
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
+    install_signal_handlers()
     return run_pipeline(settings, luigi_argv)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import luigi.worker
 from celery import Celery, Task
-from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from luigi.task_register import TaskClassException
 
 from luigi_celery import message as m
@@ -98,6 +98,11 @@ class _WorkerTaskProcess(luigi.worker.TaskProcess):
     timeout_seconds: float | None = None
 
     def _handle_run_exception(self, ex: BaseException) -> str:
+        if isinstance(ex, SystemExit):
+            # The pool process is being shut down under the task (a signal to the
+            # process): the task did not fail, it was cut off. Let the exit through,
+            # so Celery treats it as a lost worker and requeues the message.
+            raise ex
         if isinstance(ex, SoftTimeLimitExceeded):
             # Stock Luigi kills a timed-out process: no on_failure, no FAILURE event;
             # the dispatcher fires TIMEOUT, as Luigi's worker does.
@@ -290,8 +295,8 @@ class ExecuteTask(Task):
         # Runs in the worker's main process on a hard time limit, and in the child
         # for an exception that escaped execute(); either way the dispatcher must hear.
         msg = _partial_message(kwargs if isinstance(kwargs, dict) else {})
-        if msg is None:
-            return
+        if msg is None or isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
+            return  # a lost worker's message is requeued: it will run and reply
         if isinstance(exc, TimeLimitExceeded):
             seconds = kwargs["message"].get("worker_timeout")
             result = dataclasses.replace(_failed(msg, timeout_explanation(msg.task_id, seconds)), event="timeout")

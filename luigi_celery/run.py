@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from luigi_celery.app import make_app
@@ -10,6 +11,25 @@ from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store import RedisStore, redis_store_url
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM on the dispatcher (a BaseException, like KeyboardInterrupt, so
+    nothing on the way catches it as an ordinary error)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn Ctrl-C and SIGTERM into :class:`Interrupted` in the main thread."""
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 def report_failures(worker: CeleryWorker) -> None:
@@ -62,6 +82,11 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     factory = CeleryWorkerSchedulerFactory(sender, on_worker=start_sender, on_start=start_embedded_pool)
     try:
         code = run_with_retcodes(luigi_argv, factory)
+    except Interrupted as stop:
+        # Luigi's worker has terminated (revoked) what was in flight on its way out.
+        left = ", ".join(sender.revoked) if sender.revoked else "none"
+        print(f"\nluigi-celery: {stop}; revoked {len(sender.revoked)} task(s) in flight: {left}", file=sys.stderr)
+        return stop.exit_code
     finally:
         for pool in embedded:
             pool.stop()

@@ -72,6 +72,9 @@ class Sender:
         self._lock = threading.Lock()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._broken: str | None = None
+        # Luigi task ids revoked when the run was interrupted, and their Celery ids.
+        self.revoked: list[str] = []
+        self._to_revoke: list[str] = []
         self._health_checks: list[Callable[[], str | None]] = []
         self._watcher = ResultWatcher(app, self.reply_to, self._on_reply, self._tick)
         self._monitor = Monitor(
@@ -108,6 +111,7 @@ class Sender:
         # daemons and stop by themselves.
         self._watcher.stop()
         self._monitor.stop()
+        self._revoke_marked()
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
@@ -185,14 +189,23 @@ class Sender:
         logger.debug("sent %s as %s", task_id, celery_id)
 
     def revoke(self, flight: Flight) -> None:
-        """Ask the workers not to start ``flight`` (best effort)."""
+        """Mark ``flight`` to be revoked; :meth:`close` revokes all of them in one broadcast."""
         with self._lock:
-            ids = [cid for cid, t in self._in_flight.items() if t.flight is flight]
-        for cid in ids:
-            try:
-                self.app.control.revoke(cid)
-            except Exception as e:
-                logger.warning("could not revoke %s: %s", cid, e)
+            tracked = next((t for t in self._in_flight.values() if t.flight is flight), None)
+            if tracked is not None:
+                self._forget(tracked)
+                self.revoked.append(tracked.msg.task_id)
+                self._to_revoke.extend(tracked.celery_ids)
+
+    def _revoke_marked(self) -> None:
+        """Stop the marked tasks: not started ones never start, running ones are terminated
+        (as stock Luigi terminates its task processes when interrupted)."""
+        if not self._to_revoke:
+            return
+        try:
+            self.app.control.revoke(self._to_revoke, terminate=True, signal="SIGTERM")
+        except Exception as e:
+            logger.warning("could not revoke %d task(s): %s", len(self._to_revoke), e)
 
     def snapshot(self) -> list[Tracked]:
         """Each task in flight, once."""

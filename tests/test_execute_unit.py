@@ -90,9 +90,7 @@ def test_a_task_that_writes_its_output_is_done(tmp_path: Path, replies: Replies)
     assert (tmp_path / "out.txt").read_text() == "done"
 
 
-def test_status_updates_made_inside_run_are_published_to_the_reply_queue(
-    tmp_path: Path, replies: Replies
-) -> None:
+def test_status_updates_made_inside_run_are_published_to_the_reply_queue(tmp_path: Path, replies: Replies) -> None:
     # Given a task that sets a status message, a progress percentage and a tracking URL in run()
     task = unit_tasks.WritesOutput(root=str(tmp_path))
     msg = message_for(task)
@@ -209,9 +207,7 @@ def test_a_task_whose_on_failure_raises_still_fails_cleanly(replies: Replies) ->
 # --- dependencies -----------------------------------------------------------------------
 
 
-def test_a_dynamic_dependency_that_is_not_complete_makes_the_task_pending(
-    tmp_path: Path, replies: Replies
-) -> None:
+def test_a_dynamic_dependency_that_is_not_complete_makes_the_task_pending(tmp_path: Path, replies: Replies) -> None:
     # Given a task that yields a dynamic dependency whose output does not exist
     task = unit_tasks.DynamicParent(root=str(tmp_path))
     child = unit_tasks.DynamicChild(root=str(tmp_path), n=1)
@@ -256,9 +252,7 @@ def test_a_dependency_missing_at_run_time_fails_the_task(tmp_path: Path, replies
     assert not (tmp_path / "needs_external.txt").exists()
 
 
-def test_a_missing_dependency_is_not_checked_when_the_dispatcher_says_so(
-    tmp_path: Path, replies: Replies
-) -> None:
+def test_a_missing_dependency_is_not_checked_when_the_dispatcher_says_so(tmp_path: Path, replies: Replies) -> None:
     # Given a task whose dependency has no output, and a dispatcher with check_unfulfilled_deps off
     task = unit_tasks.NeedsExternalData(root=str(tmp_path))
 
@@ -350,9 +344,7 @@ def test_a_package_in_the_allowlist_allows_its_modules(tmp_path: Path, replies: 
         ("tests.unit_tasks", ("",), False),
     ],
 )
-def test_module_allowed_matches_whole_module_names_only(
-    module: str, allowed: tuple[str, ...], expected: bool
-) -> None:
+def test_module_allowed_matches_whole_module_names_only(module: str, allowed: tuple[str, ...], expected: bool) -> None:
     # Given an allowlist / When a module is looked up / Then only it and its submodules are allowed
     assert module_allowed(module, allowed) is expected
 
@@ -401,9 +393,7 @@ def test_params_that_do_not_parse_fail(replies: Replies) -> None:
     assert "abc" in result.expl
 
 
-def test_a_message_whose_task_id_does_not_match_the_rebuilt_task_fails(
-    tmp_path: Path, replies: Replies
-) -> None:
+def test_a_message_whose_task_id_does_not_match_the_rebuilt_task_fails(tmp_path: Path, replies: Replies) -> None:
     # Given a message whose params rebuild a different task than its task_id names
     task = unit_tasks.WritesOutput(root=str(tmp_path), name="a")
     msg = message_for(task, params={"root": str(tmp_path), "name": "b"})
@@ -419,9 +409,7 @@ def test_a_message_whose_task_id_does_not_match_the_rebuilt_task_fails(
 # --- a task that runs out of time -----------------------------------------------------------
 
 
-def test_a_soft_time_limit_is_reported_as_a_timeout_without_on_failure(
-    tmp_path: Path, replies: Replies
-) -> None:
+def test_a_soft_time_limit_is_reported_as_a_timeout_without_on_failure(tmp_path: Path, replies: Replies) -> None:
     # Given a task whose run() is interrupted by Celery's soft time limit, with worker_timeout 5
     task = unit_tasks.TimesOut(root=str(tmp_path))
 

@@ -49,6 +49,14 @@ def first_start(out: Path, timeout: float = 60) -> tuple[str, int]:
     raise AssertionError("no task started")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def outputs(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("Slow_*.txt"))
 
@@ -150,3 +158,64 @@ def test_a_queue_no_worker_serves_fails_the_task_naming_the_queue(pool, tmp_path
     assert f"was not picked up within 2 s: no worker consumes queue '{queue}'" in run.stdout + run.stderr
     with Connection(pool.broker) as conn:  # the message nobody took
         conn.default_channel.queue_delete(queue)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupting_the_dispatcher_revokes_what_it_sent(fresh_pool, tmp_path, signum):
+    # Given six 20-second tasks in flight on four pool processes (two wait in the queue)
+    pool = fresh_pool(REDIS_URL)
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "6", "--seconds", "20", "--workers", "6")
+    first_start(tmp_path)
+    time.sleep(1)
+    # When the dispatcher is interrupted
+    run.send_signal(signum)
+    output, _ = run.communicate(timeout=30)
+    # Then it says what it revoked and exits with 128 + the signal
+    assert run.returncode == 128 + signum, output[-3000:]
+    assert "revoked 6 task(s) in flight: Slow_" in output
+    # and nothing it sent runs on: the processes running its tasks were terminated,
+    # the queued tasks never start
+    running = {pid for event, _, pid in events(tmp_path) if event == "START"}
+    begun = sum(starts(tmp_path).values())
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in running) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in running)
+    time.sleep(3)
+    assert sum(starts(tmp_path).values()) == begun <= 4
+    assert outputs(tmp_path) == []
+    # while the workers stay up and serve the next run
+    assert all(w.alive() for w in pool.workers)
+    again = pool.run("--module", "tests.pipelines", "Succeeds", "--out", str(tmp_path / "after"))
+    assert again.returncode == 0, again.stdout[-2000:]
+
+
+def test_a_worker_told_to_stop_finishes_its_task_first(fresh_pool, tmp_path):
+    # Given a task running on one of two workers
+    pool = fresh_pool(REDIS_URL)
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "2", "--seconds", "4", "--workers", "2")
+    _, pid = first_start(tmp_path)
+    # When that worker's main process gets SIGTERM (as Kubernetes sends on scale-in): a warm shutdown
+    victim = pool.worker_of(pid)
+    os.kill(victim.process.pid, signal.SIGTERM)
+    output, _ = run.communicate(timeout=120)
+    # Then its task finishes, the run completes, and nothing ran twice
+    assert run.returncode == 0, output[-3000:]
+    assert len(outputs(tmp_path)) == 2 and set(starts(tmp_path).values()) == {1}
+    victim.process.wait(30)
+
+
+def test_a_task_cut_off_by_a_signal_to_its_pool_process_runs_again(fresh_pool, tmp_path):
+    # Given a task running on one of two workers
+    pool = fresh_pool(REDIS_URL)
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "2", "--seconds", "4", "--workers", "2")
+    cut_task, pid = first_start(tmp_path)
+    # When SIGTERM reaches every process of that worker, its pool processes too
+    # (`pkill celery`, systemd's default KillMode): the task is cut off, not failed
+    victim = pool.worker_of(pid)
+    os.killpg(victim.process.pid, signal.SIGTERM)
+    output, _ = run.communicate(timeout=120)
+    # Then it runs again on the other worker and the run completes
+    assert run.returncode == 0, output[-3000:]
+    assert len(outputs(tmp_path)) == 2
+    assert starts(tmp_path)[cut_task] == 2

@@ -80,9 +80,7 @@ def test_a_task_message_survives_the_trip_through_json() -> None:
 
 def test_a_task_message_without_a_time_limit_survives_the_trip_through_json() -> None:
     # Given a task message with the default (no) worker_timeout
-    sent = m.TaskMessage(
-        task_id="t", module="mod", family="F", params={}, attempt=1, run_id="r", reply_to="q"
-    )
+    sent = m.TaskMessage(task_id="t", module="mod", family="F", params={}, attempt=1, run_id="r", reply_to="q")
 
     # When it goes through JSON and is read back
     received = m.TaskMessage.from_dict(over_the_wire(sent.to_dict()))
@@ -104,9 +102,7 @@ def test_a_result_message_survives_the_trip_through_json() -> None:
     # Then it is the same message, dynamic deps tuples again
     assert received == sent
     assert as_reply == sent
-    assert received.new_deps == [
-        ("tests.unit_tasks", "unit_tasks.DynamicChild", {"root": "/tmp/x", "n": "1"})
-    ]
+    assert received.new_deps == [("tests.unit_tasks", "unit_tasks.DynamicChild", {"root": "/tmp/x", "n": "1"})]
     assert received.luigi_tuple() == (
         sent.task_id,
         m.PENDING,
@@ -166,9 +162,7 @@ def _bad_envelopes(parse: MessageParser, good: dict[str, Any]) -> list[Any]:
     + _bad_envelopes(m.ResultMessage.from_dict, RESULT)
     + _bad_envelopes(m.StatusMessage.from_dict, STATUS),
 )
-def test_from_dict_rejects_what_is_not_a_message_of_this_protocol(
-    parse: MessageParser, data: Any, words: str
-) -> None:
+def test_from_dict_rejects_what_is_not_a_message_of_this_protocol(parse: MessageParser, data: Any, words: str) -> None:
     # Given data that is not an object, or not of this protocol version
     # When it is read / Then it is refused, saying why
     with pytest.raises(MessageError, match=words):

@@ -196,9 +196,7 @@ def _task_class(request: pytest.FixtureRequest, **attributes: Any) -> type[luigi
         pytest.param("celery_queue", ["gpu"], id="queue in a list"),
     ],
 )
-def test_an_invalid_option_on_the_class_is_refused(
-    request: pytest.FixtureRequest, name: str, value: Any
-) -> None:
+def test_an_invalid_option_on_the_class_is_refused(request: pytest.FixtureRequest, name: str, value: Any) -> None:
     # Given a task class with an invalid option value
     task_cls = _task_class(request, **{name: value})
 

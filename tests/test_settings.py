@@ -229,9 +229,7 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("queue", "tab\there"),
     ],
 )
-def test_an_invalid_environment_variable_is_refused_by_name(
-    no_luigi_config: None, name: str, text: str
-) -> None:
+def test_an_invalid_environment_variable_is_refused_by_name(no_luigi_config: None, name: str, text: str) -> None:
     # Given an invalid LUIGI_CELERY_* value
     env = {"LUIGI_CELERY_" + name.upper(): text}
 
