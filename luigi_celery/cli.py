@@ -151,6 +151,16 @@ def _import_pipeline_modules(luigi_argv: Sequence[str]) -> None:
             raise LuigiCeleryError(f"cannot import module {module!r}: {e}") from e
 
 
+def _log_like_luigi() -> None:
+    """Show luigi-celery's INFO and above the way Luigi shows its own lines (on stderr)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    ours = logging.getLogger("luigi_celery")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     from luigi_celery.run import install_signal_handlers, run_pipeline
 
@@ -162,6 +172,7 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     install_signal_handlers()
+    _log_like_luigi()
     return run_pipeline(settings, luigi_argv)
 
 

@@ -230,6 +230,15 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
         return self.worker
 
 
+def root_task_id(argv: list[str]) -> str | None:
+    """The id of the task Luigi's command line ``argv`` names, or None if it names none."""
+    try:
+        with CmdlineParser.global_instance(argv) as parser:
+            return str(parser.get_task_obj().task_id)
+    except (Exception, SystemExit):  # Luigi reports a bad command line itself, later
+        return None
+
+
 def failed_task_ids(worker: luigi.worker.Worker) -> set[str]:
     """Ids of the tasks Luigi's execution summary lists as failed."""
     return {task.task_id for task in luigi.execution_summary._summary_dict(worker).get("failed", ())}

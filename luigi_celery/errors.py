@@ -33,3 +33,7 @@ class DispatchRefused(LuigiCeleryError):
 
 class TaskNotAllowed(LuigiCeleryError):
     """A message asks a worker to run a task from a module outside its allowlist."""
+
+
+class RunAlreadyActive(LuigiCeleryError):
+    """Another live dispatcher is running the same pipeline (same root task and queue)."""

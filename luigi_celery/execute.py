@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import socket
 import threading
 import traceback
@@ -28,7 +27,7 @@ from luigi_celery import message as m
 from luigi_celery.errors import MessageError
 from luigi_celery.results import publish_reply
 from luigi_celery.settings import DEFAULT_LOCK_TTL
-from luigi_celery.store import Store
+from luigi_celery.store import Lease, Store, died_here, owner_here
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,9 @@ def _as_text(expl: Any) -> str:
     return expl if isinstance(expl, str) else str(expl)
 
 
-def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publish) -> m.ResultMessage:
+def run_task_message(
+    msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publish, skip_if_complete: bool = False
+) -> m.ResultMessage:
     """Rebuild and run the task ``msg`` names; return how it ended. Never raises for the task's own errors."""
     if not module_allowed(msg.module, allowed):
         return _failed(
@@ -146,7 +147,7 @@ def run_task_message(msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publ
         return _failed(
             msg, f"the rebuilt task has id {task.task_id}, not {msg.task_id}: worker and dispatcher code differ"
         )
-    if _already_complete(task):
+    if skip_if_complete and _already_complete(task):
         # A redelivered or re-published message for work that is done: answer, don't redo.
         logger.info("%s is already complete; not run again", msg.task_id)
         return m.ResultMessage(
@@ -219,47 +220,34 @@ class _Heartbeat(threading.Thread):
         self._stopping.set()
 
 
-def _died_here(holder: str) -> bool:
-    """True when ``holder`` (celery id|host|pid) was a process of this host that no longer exists."""
-    parts = holder.rsplit("|", 2)  # a Celery id may contain "|", a host name does not
-    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
-        return False
-    pid = parts[2]
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it exists, as another user
-    return False
-
-
 @contextlib.contextmanager
-def run_lock(store: Store | None, msg: m.TaskMessage, ttl: float) -> Iterator[bool]:
-    """Hold the run lock of ``msg``'s task while the block runs; yields False if someone else holds it.
+def run_lock(store: Store | None, msg: m.TaskMessage, ttl: float) -> Iterator[Lease]:
+    """Hold the run lock of ``msg``'s task while the block runs.
 
+    Yields a :class:`Lease` whose ``holder`` is None when the lock is ours, and
+    whose ``seen_before`` says this very Celery id started before (a repeat).
     Without a store (the embedded mode, RabbitMQ with no Redis configured) there
     is no lock: the broker's redelivery and the complete() check are the guard.
     """
     if store is None:
-        yield True
+        yield Lease(None, False)
         return
-    owner = f"{msg.celery_id}|{socket.gethostname()}|{os.getpid()}"
-    holder = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
-    if holder is not None and _died_here(holder):
+    owner = owner_here(msg.celery_id)
+    lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+    if lease.holder is not None and died_here(lease.holder):
         # A process of this machine held it and is gone (a pool child killed, or
         # out of memory): take over now instead of waiting for the lock to expire.
-        logger.warning("taking over %s from %s, which died", msg.task_id, holder)
-        store.release(msg.task_id, holder)
-        holder = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
-    if holder is not None:
-        logger.warning("not running %s: it is already running as %s", msg.celery_id, holder)
-        yield False
+        logger.warning("taking over %s from %s, which died", msg.task_id, lease.holder)
+        store.release(msg.task_id, lease.holder)
+        lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+    if lease.holder is not None:
+        logger.warning("not running %s: it is already running as %s", msg.celery_id, lease.holder)
+        yield lease
         return
     heartbeat = _Heartbeat(store, msg.task_id, owner, ttl)
     heartbeat.start()
     try:
-        yield True
+        yield lease
     finally:
         heartbeat.stop()
         try:
@@ -328,10 +316,16 @@ def register_execute(
             if partial is not None:
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
             raise Reject(str(e), requeue=False) from e
-        with run_lock(store, msg, lock_ttl) as held:
-            if not held:
+        with run_lock(store, msg, lock_ttl) as lease:
+            if lease.holder is not None:
                 return {"duplicate": msg.celery_id}
-            result = run_task_message(msg, allowed, publish)
+            # A repeat delivery (a later attempt, a redelivered message, an id seen
+            # started before) may find its work done: then it answers DONE, not runs.
+            # A first delivery always runs, as under stock Luigi (a wrapper task is
+            # complete when dispatched, yet Luigi runs it and fires its events).
+            redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+            repeat = lease.seen_before or msg.attempt > 1 or redelivered
+            result = run_task_message(msg, allowed, publish, skip_if_complete=repeat)
             # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
             publish(msg.reply_to, result.to_dict())
         return result.to_dict()

@@ -52,8 +52,19 @@ def celery_task_id(luigi_task_id: str, attempt: int) -> str:
     the first run's reply with the second's.  Luigi task ids can be long, so
     the id is a readable prefix plus a digest of the whole id.
     """
-    digest = hashlib.sha1(luigi_task_id.encode()).hexdigest()[:16]
-    return f"{luigi_task_id[:80]}.{digest}.{attempt}"
+    return f"{luigi_task_id[:80]}.{task_digest(luigi_task_id)}.{attempt}"
+
+
+def task_digest(luigi_task_id: str) -> str:
+    return hashlib.sha1(luigi_task_id.encode()).hexdigest()[:16]
+
+
+def parse_celery_id(celery_id: str) -> tuple[str, int] | None:
+    """(task digest, attempt) of an id made by :func:`celery_task_id`, else None."""
+    parts = celery_id.rsplit(".", 2)
+    if len(parts) != 3 or len(parts[1]) != 16 or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
 
 
 def _require(data: Mapping[str, Any], name: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:

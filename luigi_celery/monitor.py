@@ -97,6 +97,7 @@ class Monitor(threading.Thread):
         consumed_queues: Callable[[], set[str] | None],
         queue_timeout: float | None,
         interval: float = CHECK_INTERVAL,
+        on_check: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="luigi-celery-monitor", daemon=True)
         self._run_id = run_id
@@ -107,6 +108,7 @@ class Monitor(threading.Thread):
         self._consumed_queues = consumed_queues
         self._queue_timeout = queue_timeout
         self._interval = interval
+        self._on_check = on_check
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -115,6 +117,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         while not self._stopping.wait(self._interval):
             try:
+                self._on_check()
                 self.check()
             except Exception as e:  # the store or the broker is away: try again next time
                 logger.warning("could not check the tasks in flight: %s", e)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 
+import luigi.retcodes
+
 from luigi_celery.app import make_app
-from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, failed_task_ids, run_with_retcodes
+from luigi_celery.dispatch import (
+    CeleryWorker,
+    CeleryWorkerSchedulerFactory,
+    failed_task_ids,
+    root_task_id,
+    run_with_retcodes,
+)
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
+from luigi_celery.errors import RunAlreadyActive
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store import RedisStore, redis_store_url
@@ -32,6 +42,15 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
+def run_id(luigi_argv: list[str], settings: Settings) -> str | None:
+    """The same pipeline on the same queue gets the same run id, so a dispatcher started
+    again after a crash finds the work the first one left in flight."""
+    root = root_task_id(luigi_argv)
+    if root is None:
+        return None
+    return hashlib.sha1(f"{root}|{settings.queue}".encode()).hexdigest()[:16]
+
+
 def report_failures(worker: CeleryWorker) -> None:
     """Print each failed task's remote explanation (Luigi's summary only names them)."""
     failed = failed_task_ids(worker)
@@ -51,7 +70,7 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     app = make_app(settings)
     store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
     store = RedisStore(store_url) if store_url else None
-    sender = Sender(app, settings, store=store)
+    sender = Sender(app, settings, run_id=run_id(luigi_argv, settings) if store else None, store=store)
     embedded: list[EmbeddedWorker] = []
 
     def start_sender(worker_count: int) -> None:
@@ -82,6 +101,9 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     factory = CeleryWorkerSchedulerFactory(sender, on_worker=start_sender, on_start=start_embedded_pool)
     try:
         code = run_with_retcodes(luigi_argv, factory)
+    except RunAlreadyActive as e:
+        print(f"luigi-celery run: {e}", file=sys.stderr)
+        return int(luigi.retcodes.retcode().already_running)  # ours unless the user set it
     except Interrupted as stop:
         # Luigi's worker has terminated (revoked) what was in flight on its way out.
         left = ", ".join(sender.revoked) if sender.revoked else "none"

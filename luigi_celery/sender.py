@@ -21,12 +21,12 @@ import luigi
 from celery import Celery
 
 from luigi_celery import message as m
-from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError
+from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError, RunAlreadyActive
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
 from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
-from luigi_celery.store import Store
+from luigi_celery.store import Store, died_here, owner_here
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class Sender:
         self._lock = threading.Lock()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._broken: str | None = None
+        self._owner = owner_here("dispatcher")
+        # task digest -> Celery ids an earlier dispatcher of this run saw started
+        self._adoptable: dict[str, list[str]] = {}
+        # replies that came for adoptable ids before Luigi asked for their task
+        self._early: dict[str, m.ResultMessage] = {}
         # Luigi task ids revoked when the run was interrupted, and their Celery ids.
         self.revoked: list[str] = []
         self._to_revoke: list[str] = []
@@ -85,6 +90,7 @@ class Sender:
             self._fail_tracked,
             self._consumed_queues,
             queue_timeout=None if settings.embedded else settings.queue_timeout,
+            on_check=self._refresh_claim,
         )
         # The dispatcher's Luigi [worker] settings that travel with each task.
         self.check_unfulfilled_deps = True
@@ -100,10 +106,28 @@ class Sender:
                 reply_queue(self.reply_to)(conn.default_channel).declare()
         except Exception as e:
             raise BrokerUnavailable(f"cannot reach the broker at {redact(self.app.conf.broker_url)}: {e}") from e
+        if self.store is not None:
+            self._claim_run()
         self._watcher.start()
         if not self._watcher.ready.wait(self.settings.connect_timeout):
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
         self._monitor.start()
+
+    def _claim_run(self) -> None:
+        """Become this run's only dispatcher, and find what an earlier one left in flight."""
+        assert self.store is not None
+        holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
+        if holder is not None and died_here(holder):
+            self.store.release_run(self.run_id, holder)  # its dispatcher was killed: take over
+            holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
+        if holder is not None:
+            raise RunAlreadyActive(f"this pipeline is already being run by {holder} (run {self.run_id})")
+        for celery_id in self.store.started(self.run_id):
+            parsed = m.parse_celery_id(celery_id)
+            if parsed is not None:
+                self._adoptable.setdefault(parsed[0], []).append(celery_id)
+        if self._adoptable:
+            logger.info("run %s: %d task(s) were started by an earlier dispatcher", self.run_id, len(self._adoptable))
 
     def close(self) -> None:
         # No join: nothing is left to consume, and kombu's Redis transport only lets
@@ -112,6 +136,12 @@ class Sender:
         self._watcher.stop()
         self._monitor.stop()
         self._revoke_marked()
+        if self.store is not None:
+            try:
+                self.store.forget_run(self.run_id)  # the run is over: nothing to adopt
+                self.store.release_run(self.run_id, self._owner)
+            except Exception as e:
+                logger.warning("could not close run %s in the store: %s", self.run_id, e)
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
@@ -153,7 +183,35 @@ class Sender:
         if msg.worker_timeout:
             publish_options["soft_time_limit"] = msg.worker_timeout
             publish_options["time_limit"] = msg.worker_timeout + HARD_TIME_LIMIT_GRACE
-        self._publish(Tracked(flight, msg, publish_options["queue"], publish_options))
+        tracked = Tracked(flight, msg, publish_options["queue"], publish_options)
+        if not self._adopt(tracked):
+            self._publish(tracked)
+
+    def _adopt(self, tracked: Tracked) -> bool:
+        """Watch attempts an earlier dispatcher of this run started, instead of sending again.
+
+        Their replies may already have come (kept in ``_early``); if their worker is
+        gone, the monitor sees the lock gone and publishes the task again.
+        Returns False when there is nothing to adopt.
+        """
+        with self._lock:
+            celery_ids = self._adoptable.pop(m.task_digest(tracked.msg.task_id), None)
+            if not celery_ids:
+                return False
+            attempts = sorted(celery_ids, key=lambda cid: (m.parse_celery_id(cid) or ("", 0))[1])
+            last = (m.parse_celery_id(attempts[-1]) or ("", 1))[1]
+            self._attempts[tracked.msg.task_id] = last
+            tracked.msg = dataclasses.replace(tracked.msg, attempt=last)
+            tracked.celery_ids.extend(attempts)
+            tracked.started = True
+            early = next((self._early.pop(cid) for cid in attempts if cid in self._early), None)
+            if early is None:
+                for cid in attempts:
+                    self._in_flight[cid] = tracked
+        logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id, last)
+        if early is not None:
+            tracked.flight.on_result(early)  # it finished while no dispatcher watched
+        return True
 
     def republish(self, tracked: Tracked) -> None:
         """Publish ``tracked`` again under a new attempt (its worker died)."""
@@ -233,12 +291,19 @@ class Sender:
             tracked = self._in_flight.get(reply.celery_id)
             if tracked is not None and isinstance(reply, m.ResultMessage):
                 self._forget(tracked)
+            elif tracked is None and isinstance(reply, m.ResultMessage) and self._adoptable_id(reply.celery_id):
+                self._early[reply.celery_id] = reply  # an earlier dispatcher's work, not asked for yet
+                return
         if tracked is None:
             logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
         elif isinstance(reply, m.ResultMessage):
             tracked.flight.on_result(reply)
         else:
             tracked.flight.on_status(reply)
+
+    def _adoptable_id(self, celery_id: str) -> bool:
+        parsed = m.parse_celery_id(celery_id)
+        return parsed is not None and celery_id in self._adoptable.get(parsed[0], ())
 
     def _tick(self) -> None:
         for check in self._health_checks:
@@ -265,6 +330,10 @@ class Sender:
                 celery_id="", task_id=flight.task.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()
             )
         )
+
+    def _refresh_claim(self) -> None:
+        if self.store is not None and not self.store.refresh_run(self.run_id, self._owner, self.settings.lock_ttl):
+            logger.error("lost the claim on run %s: another dispatcher may take it over", self.run_id)
 
     def _consumed_queues(self) -> set[str] | None:
         """The queues some worker consumes right now, or None if the workers could not be asked."""

@@ -14,9 +14,11 @@ Lua scripts, expiry on the Redis server's clock) and :class:`MemoryStore`
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import redis
 
@@ -33,17 +35,29 @@ def lock_key(task_id: str) -> str:
     return f"{KEY_PREFIX}lock:{task_id}"
 
 
+def run_key(run_id: str) -> str:
+    """The claim of the dispatcher running ``run_id`` (a Luigi task id never contains ':')."""
+    return f"{KEY_PREFIX}dispatcher:{run_id}"
+
+
 def starts_key(run_id: str) -> str:
     return f"{KEY_PREFIX}started:{run_id}"
+
+
+class Lease(NamedTuple):
+    """The answer to asking for a run lock."""
+
+    holder: str | None  # None: the lock is ours; else who holds it
+    seen_before: bool  # this Celery id had started before (a repeat delivery)
 
 
 class Store(Protocol):
     """What luigi-celery keeps in the coordination store."""
 
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
-        """Take the run lock of ``task_id`` and mark ``celery_id`` started; return None.
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
+        """Take the run lock of ``task_id`` and mark ``celery_id`` started.
 
-        When the lock is already held, change nothing and return the holder.
+        When the lock is already held, change nothing and name the holder.
         """
 
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
@@ -54,6 +68,19 @@ class Store(Protocol):
 
     def status(self, run_id: str, task_ids: list[str], celery_ids: list[str]) -> tuple[list[bool], list[bool]]:
         """(lock held, per task id), (started, per celery id), in one round trip."""
+
+    def claim_run(self, run_id: str, owner: str, ttl: float) -> str | None:
+        """Become the dispatcher of ``run_id``; None, or the dispatcher that already is."""
+
+    def refresh_run(self, run_id: str, owner: str, ttl: float) -> bool: ...
+
+    def release_run(self, run_id: str, owner: str) -> None: ...
+
+    def started(self, run_id: str) -> list[str]:
+        """Every Celery id of ``run_id`` that a worker has started."""
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop the start marks of a run that is over."""
 
 
 class MemoryStore:
@@ -71,14 +98,16 @@ class MemoryStore:
             return None
         return held[0]
 
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
         with self._lock:
             holder = self._holder(task_id)
             if holder is not None:
-                return holder
+                return Lease(holder, False)
             self._locks[task_id] = (owner, time.monotonic() + ttl)
-            self._started.setdefault(run_id, set()).add(celery_id)
-            return None
+            started = self._started.setdefault(run_id, set())
+            seen = celery_id in started
+            started.add(celery_id)
+            return Lease(None, seen)
 
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
         with self._lock:
@@ -97,16 +126,38 @@ class MemoryStore:
             started = self._started.get(run_id, set())
             return [self._holder(t) is not None for t in task_ids], [c in started for c in celery_ids]
 
+    # A run's claim is a lock like a task's, under a key no task id can take.
+    def claim_run(self, run_id: str, owner: str, ttl: float) -> str | None:
+        with self._lock:
+            holder = self._holder(run_key(run_id))
+            if holder is None:
+                self._locks[run_key(run_id)] = (owner, time.monotonic() + ttl)
+            return holder
+
+    def refresh_run(self, run_id: str, owner: str, ttl: float) -> bool:
+        return self.refresh(run_key(run_id), owner, ttl)
+
+    def release_run(self, run_id: str, owner: str) -> None:
+        self.release(run_key(run_id), owner)
+
+    def started(self, run_id: str) -> list[str]:
+        with self._lock:
+            return sorted(self._started.get(run_id, set()))
+
+    def forget_run(self, run_id: str) -> None:
+        with self._lock:
+            self._started.pop(run_id, None)
+
 
 # KEYS: lock, start marks; ARGV: owner, ttl ms, celery id, start-mark ttl s.
-# Returns nil when the lock was taken, else the current holder.
+# Returns {'', seen before 0/1} when the lock was taken, else {holder, 0}.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('HSET', KEYS[2], ARGV[3], redis.call('TIME')[1])
+  local fresh = redis.call('HSETNX', KEYS[2], ARGV[3], redis.call('TIME')[1])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return nil
+  return {'', 1 - fresh}
 end
-return redis.call('GET', KEYS[1])
+return {redis.call('GET', KEYS[1]), 0}
 """
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -134,10 +185,10 @@ class RedisStore:
         except redis.RedisError as e:
             raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
 
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
         keys = [lock_key(task_id), starts_key(run_id)]
-        holder = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
-        return None if holder is None else str(holder)
+        holder, seen = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
+        return Lease(str(holder) if holder else None, bool(seen))
 
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
         return bool(self._refresh(keys=[lock_key(task_id)], args=[owner, int(ttl * 1000)]))
@@ -157,6 +208,42 @@ class RedisStore:
         locks = [bool(n) for n in results[: len(task_ids)]]
         started = [v is not None for v in results[len(task_ids)]] if celery_ids else []
         return locks, started
+
+    def claim_run(self, run_id: str, owner: str, ttl: float) -> str | None:
+        if self._client.set(run_key(run_id), owner, nx=True, px=int(ttl * 1000)):
+            return None
+        return str(self._client.get(run_key(run_id)) or "")
+
+    def refresh_run(self, run_id: str, owner: str, ttl: float) -> bool:
+        return bool(self._refresh(keys=[run_key(run_id)], args=[owner, int(ttl * 1000)]))
+
+    def release_run(self, run_id: str, owner: str) -> None:
+        self._release(keys=[run_key(run_id)], args=[owner])
+
+    def started(self, run_id: str) -> list[str]:
+        return sorted(str(k) for k in self._client.hkeys(starts_key(run_id)))
+
+    def forget_run(self, run_id: str) -> None:
+        self._client.delete(starts_key(run_id))
+
+
+def owner_here(name: str) -> str:
+    """An owner string for a lock or claim taken by this process: name|host|pid."""
+    return f"{name}|{socket.gethostname()}|{os.getpid()}"
+
+
+def died_here(holder: str) -> bool:
+    """True when ``holder`` (name|host|pid) was a process of this host that no longer exists."""
+    parts = holder.rsplit("|", 2)  # a name (a Celery id) may contain "|", a host name does not
+    if len(parts) != 3 or parts[1] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, as another user
+    return False
 
 
 def redis_store_url(broker_url: str | None, redis_url: str | None) -> str | None:

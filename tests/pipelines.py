@@ -261,3 +261,15 @@ class Unserved(OutTask):
 
     def run(self):
         self.write()
+
+
+class WrapsSucceeds(luigi.WrapperTask):
+    """Complete as soon as its requirement is; stock Luigi still runs it and calls on_success."""
+
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return Succeeds(out=self.out)
+
+    def on_success(self):
+        Path(self.out, "wrapper_on_success.txt").write_text(self.task_id)

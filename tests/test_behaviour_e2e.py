@@ -211,3 +211,9 @@ def test_check_sees_the_pool_and_reports_an_unreachable_broker(redis_pool):
     assert good.returncode == 0 and all(w.name in good.stdout for w in redis_pool.workers)
     bad = run_cli("check", "--broker", "redis://127.0.0.1:1/0", "--timeout", "2")
     assert bad.returncode == 1 and "cannot reach the broker at redis://127.0.0.1:1/0" in bad.stdout
+
+
+def test_a_wrapper_task_runs_and_calls_on_success_like_stock_luigi(redis_pool, tmp_path):
+    result = redis_pool.run("--module", "tests.pipelines", "WrapsSucceeds", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert (tmp_path / "wrapper_on_success.txt").exists()

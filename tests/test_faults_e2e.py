@@ -219,3 +219,37 @@ def test_a_task_cut_off_by_a_signal_to_its_pool_process_runs_again(fresh_pool, t
     assert run.returncode == 0, output[-3000:]
     assert len(outputs(tmp_path)) == 2
     assert starts(tmp_path)[cut_task] == 2
+
+
+def test_a_dispatcher_killed_and_started_again_adopts_its_work(fresh_pool, tmp_path):
+    # Given a run of six 3-second tasks, two at a time
+    pool = fresh_pool(REDIS_URL)
+    args = (*SLOW, "--out", str(tmp_path), "--count", "6", "--seconds", "3", "--workers", "2")
+    first = pool.start(*args)
+    first_start(tmp_path)
+    time.sleep(0.5)
+    # When the dispatcher is killed outright while tasks run, and started again
+    first.kill()
+    first.wait()
+    again = pool.run(*args, timeout=180)
+    # Then the run completes, and no task ran twice (the running ones were adopted, not re-sent)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert len(outputs(tmp_path)) == 6
+    assert set(starts(tmp_path).values()) == {1}, starts(tmp_path)
+    assert "were started by an earlier dispatcher" in again.stdout
+    # and the started ones were not even sent again (no worker saw a duplicate)
+    logs = pool.logs()
+    assert "is already running as" not in logs and "not run again" not in logs
+
+
+def test_a_second_dispatcher_of_the_same_pipeline_is_refused(fresh_pool, tmp_path):
+    pool = fresh_pool(REDIS_URL)
+    args = (*SLOW, "--out", str(tmp_path), "--count", "2", "--seconds", "4", "--workers", "2")
+    first = pool.start(*args)
+    first_start(tmp_path)
+    # (--no-lock: skip Luigi's own same-machine pid lock, as a dispatcher on another machine would)
+    second = pool.run(*args, "--no-lock")
+    assert second.returncode == 10
+    assert "this pipeline is already being run by dispatcher|" in second.stdout
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, output[-2000:]

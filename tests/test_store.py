@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from luigi_celery import message as m
-from luigi_celery.execute import _died_here, run_lock
-from luigi_celery.store import MemoryStore, RedisStore, redis_store_url
+from luigi_celery.execute import run_lock
+from luigi_celery.store import MemoryStore, RedisStore, died_here, redis_store_url
 from tests.conftest import REDIS_URL
 
 
@@ -33,9 +33,9 @@ def ids():
 
 def test_one_owner_at_a_time(store, ids):
     task_id, run_id = ids
-    assert store.acquire(task_id, "a", 5, run_id, "c1") is None
+    assert store.acquire(task_id, "a", 5, run_id, "c1").holder is None
     # Then a second taker is told who holds it, and takes nothing
-    assert store.acquire(task_id, "b", 5, run_id, "c2") == "a"
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder == "a"
     locks, started = store.status(run_id, [task_id], ["c1", "c2"])
     assert locks == [True] and started == [True, False]
 
@@ -45,10 +45,10 @@ def test_only_the_owner_refreshes_or_releases(store, ids):
     store.acquire(task_id, "a", 5, run_id, "c1")
     assert store.refresh(task_id, "b", 5) is False
     store.release(task_id, "b")
-    assert store.acquire(task_id, "b", 5, run_id, "c2") == "a"
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder == "a"
     assert store.refresh(task_id, "a", 5) is True
     store.release(task_id, "a")
-    assert store.acquire(task_id, "b", 5, run_id, "c2") is None
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
 
 
 def test_a_lock_without_heartbeat_expires_but_the_start_mark_stays(store, ids):
@@ -57,7 +57,7 @@ def test_a_lock_without_heartbeat_expires_but_the_start_mark_stays(store, ids):
     time.sleep(0.5)
     assert store.refresh(task_id, "a", 5) is False
     assert store.status(run_id, [task_id], ["c1"]) == ([False], [True])
-    assert store.acquire(task_id, "b", 5, run_id, "c2") is None
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
 
 
 def test_a_heartbeat_keeps_a_lock_alive(store, ids):
@@ -67,6 +67,28 @@ def test_a_heartbeat_keeps_a_lock_alive(store, ids):
         time.sleep(0.2)
         assert store.refresh(task_id, "a", 0.4)
     assert store.status(run_id, [task_id], [])[0] == [True]
+
+
+def test_a_repeat_of_the_same_celery_id_is_seen_as_one(store, ids):
+    task_id, run_id = ids
+    assert store.acquire(task_id, "a", 5, run_id, "c1").seen_before is False
+    store.release(task_id, "a")
+    # When the same Celery id comes again (redelivered), it is a repeat; another id is not
+    assert store.acquire(task_id, "b", 5, run_id, "c1") == (None, True)
+    store.release(task_id, "b")
+    assert store.acquire(task_id, "c", 5, run_id, "c2") == (None, False)
+    assert store.started(run_id) == ["c1", "c2"]
+    store.forget_run(run_id)
+    assert store.started(run_id) == []
+
+
+def test_one_dispatcher_per_run(store, ids):
+    _, run_id = ids
+    assert store.claim_run(run_id, "d1", 5) is None
+    assert store.claim_run(run_id, "d2", 5) == "d1"
+    assert store.refresh_run(run_id, "d2", 5) is False and store.refresh_run(run_id, "d1", 5) is True
+    store.release_run(run_id, "d1")
+    assert store.claim_run(run_id, "d2", 5) is None
 
 
 def test_the_store_defaults_to_a_redis_broker():
@@ -84,10 +106,10 @@ def _msg(task_id: str, run_id: str, attempt: int = 1) -> m.TaskMessage:
 def test_run_lock_lets_one_delivery_run_and_keeps_the_lock_beating(ids):
     task_id, run_id = ids
     store = MemoryStore()
-    with run_lock(store, _msg(task_id, run_id), ttl=0.3) as held:
-        assert held
+    with run_lock(store, _msg(task_id, run_id), ttl=0.3) as lease:
+        assert lease.holder is None
         with run_lock(store, _msg(task_id, run_id, attempt=2), ttl=0.3) as second:
-            assert not second  # a duplicate does not run
+            assert second.holder is not None  # a duplicate does not run
         time.sleep(0.6)  # twice the TTL: only the heartbeat keeps it
         assert store.status(run_id, [task_id], [])[0] == [True]
     assert store.status(run_id, [task_id], [])[0] == [False]  # released at the end
@@ -99,9 +121,9 @@ def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store.acquire(task_id, f"{task_id}.x.1|{socket.gethostname()}|{dead.pid}", 60, run_id, "c1")
-    assert _died_here(f"a|b|c|{socket.gethostname()}|{dead.pid}")
-    with run_lock(store, _msg(task_id, run_id, attempt=2), ttl=5) as held:
-        assert held
+    assert died_here(f"a|b|c|{socket.gethostname()}|{dead.pid}")
+    with run_lock(store, _msg(task_id, run_id, attempt=2), ttl=5) as lease:
+        assert lease.holder is None
     # but a live holder, or one on another host, is left alone
-    assert not _died_here(f"c|{socket.gethostname()}|{os.getpid()}")
-    assert not _died_here(f"c|another-host|{dead.pid}")
+    assert not died_here(f"c|{socket.gethostname()}|{os.getpid()}")
+    assert not died_here(f"c|another-host|{dead.pid}")
