@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 REPLY_QUEUE_PREFIX = "luigi-celery.reply."
 # An abandoned reply queue (its dispatcher died) disappears from RabbitMQ after a day.
 REPLY_QUEUE_EXPIRES = 24 * 3600.0
-# Publishing a reply retries this long before giving up (the broker restarts, a network blip).
+# Publishing (a task or a reply) retries about 25 s before giving up: a broker restart, a blip.
 PUBLISH_RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
 # How often the watcher wakes up when no reply arrives (to check it should still run).
 WATCH_TICK = 0.2

@@ -24,14 +24,11 @@ from luigi_celery import message as m
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError, RunAlreadyActive
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
-from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
+from luigi_celery.results import PUBLISH_RETRY_POLICY, ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
 from luigi_celery.store import Store, died_here, owner_here
 
 logger = logging.getLogger(__name__)
-
-# Publishing a task retries this long before the task is failed (broker restarting, network blip).
-PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
 
 
 class Flight(Protocol):

@@ -228,3 +228,48 @@ def luigid(tmp_path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@dataclass
+class OwnRedis:
+    """A Redis server of the test's own (append-only file on, as a broker should run)."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.time() + 20
+        while not _answers("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.time() > deadline:
+                pytest.fail("the test's Redis did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # Redis flushes its append-only file on SIGTERM
+            self.process.wait(20)
+
+    def restart(self, down_for: float) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[OwnRedis]:
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = OwnRedis(free_port(), folder)
+    server.start()
+    yield server
+    server.stop()

@@ -253,3 +253,32 @@ def test_a_second_dispatcher_of_the_same_pipeline_is_refused(fresh_pool, tmp_pat
     assert "this pipeline is already being run by dispatcher|" in second.stdout
     output, _ = first.communicate(timeout=60)
     assert first.returncode == 0, output[-2000:]
+
+
+def test_a_redis_restart_mid_run_loses_nothing(own_redis, fresh_pool, tmp_path):
+    # Given a run over a Redis of the test's own
+    pool = fresh_pool(own_redis.url)
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "6", "--seconds", "2", "--workers", "3")
+    first_start(tmp_path)
+    # When Redis goes away for three seconds and comes back
+    own_redis.restart(down_for=3)
+    output, _ = run.communicate(timeout=240)
+    # Then the run completes, every task ran, and none ran twice
+    assert run.returncode == 0, output[-3000:]
+    assert len(outputs(tmp_path)) == 6
+    assert set(starts(tmp_path).values()) == {1}, starts(tmp_path)
+
+
+def test_rabbitmq_closing_every_connection_mid_run_loses_nothing(fresh_pool, tmp_path):
+    # Given a run over RabbitMQ, with Redis as the coordination store
+    pool = fresh_pool(RABBITMQ_URL, LUIGI_CELERY_REDIS_URL=REDIS_URL)
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "6", "--seconds", "2", "--workers", "3")
+    first_start(tmp_path)
+    # When RabbitMQ closes every client connection (dispatcher's and workers')
+    closed = subprocess.run(["rabbitmqctl", "close_all_connections", "test"], capture_output=True, text=True)
+    assert closed.returncode == 0, closed.stderr
+    output, _ = run.communicate(timeout=240)
+    # Then the run completes, every task ran, and none ran twice
+    assert run.returncode == 0, output[-3000:]
+    assert len(outputs(tmp_path)) == 6
+    assert set(starts(tmp_path).values()) == {1}, starts(tmp_path)

@@ -127,3 +127,19 @@ def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
     # but a live holder, or one on another host, is left alone
     assert not died_here(f"c|{socket.gethostname()}|{os.getpid()}")
     assert not died_here(f"c|another-host|{dead.pid}")
+
+
+def test_a_store_call_rides_out_a_short_redis_outage(own_redis, ids):
+    # Given Redis down, and back two seconds later
+    import threading
+
+    task_id, run_id = ids
+    store = RedisStore(own_redis.url)
+    own_redis.stop()
+    threading.Timer(2.0, own_redis.start).start()
+    # When a worker asks for a run lock meanwhile
+    started = time.monotonic()
+    lease = store.acquire(task_id, "a", 5, run_id, "c1")
+    # Then the call waits for Redis instead of failing the task
+    assert lease.holder is None
+    assert 1.5 < time.monotonic() - started < 20
