@@ -128,6 +128,7 @@ def run_task_message(
 ) -> m.ResultMessage:
     """Rebuild and run the task ``msg`` names; return how it ended. Never raises for the task's own errors."""
     if not module_allowed(msg.module, allowed):
+        logger.warning("refused %s: module %r is not in the allowlist", msg.celery_id, msg.module)
         return _failed(
             msg,
             f"module {msg.module!r} is not in this worker's allowlist ({', '.join(allowed) or 'empty'}); "
@@ -311,11 +312,11 @@ def register_execute(
                 raise MessageError("expected exactly one keyword argument, 'message'")
             msg = m.TaskMessage.from_dict(kwargs["message"])
         except MessageError as e:
-            logger.error("rejected malformed message %s: %s", self.request.id, e)
             partial = _partial_message(kwargs)
             if partial is not None:
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
-            raise Reject(str(e), requeue=False) from e
+            # Celery logs the rejection, once, with this reason.
+            raise Reject(f"rejected malformed message: {e}", requeue=False) from e
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
                 return {"duplicate": msg.celery_id}

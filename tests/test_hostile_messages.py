@@ -7,9 +7,12 @@ unpickled), and keep serving real work afterwards.
 
 from __future__ import annotations
 
+import collections
 import pickle
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kombu import Connection
@@ -18,7 +21,14 @@ from luigi_celery import message as m
 from luigi_celery.app import make_app
 from luigi_celery.results import reply_queue, reply_queue_name
 from luigi_celery.settings import Settings
-from tests.conftest import run_cli
+from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env, run_cli
+
+SLOW_TASKS = ("--module", "tests.pipelines", "ManySlow", "--count", "8", "--seconds", "0.3", "--workers", "4")
+
+
+def records(logs: str, words: str) -> int:
+    """How many log records (lines that start a record, "[date ...") contain ``words``."""
+    return sum(1 for line in logs.splitlines() if line.startswith("[") and words in line)
 
 
 def _task_message(**changes) -> dict:
@@ -97,7 +107,65 @@ def test_malformed_and_pickled_messages_are_rejected_and_the_worker_keeps_servin
     logs = pool.logs()
     # each malformed call was rejected by our task, once; had the pickle been loaded,
     # our task would have seen its marker string and rejected a fourth
-    assert logs.count("rejected malformed message") == 3
+    assert records(logs, "reject requeue=False: rejected malformed message") == 3
     assert "Refusing to deserialize untrusted content of type pickle" in logs
     assert "Refusing to deserialize untrusted content of type text/plain" in logs
     assert "Expecting property name enclosed in double quotes" in logs  # the broken JSON
+
+
+@pytest.mark.parametrize("broker", [REDIS_URL, RABBITMQ_URL], ids=["redis", "rabbitmq"])
+def test_a_thousand_hostile_messages_between_real_tasks(fresh_pool, tmp_path, broker):
+    # Given a pool of its own, so every log record counted here is this test's
+    pool = fresh_pool(broker)
+    app = make_app(Settings(broker_url=broker, queue=pool.queue))
+    reply_to = reply_queue_name(f"hostile-{uuid.uuid4().hex[:8]}")
+    elsewhere = str(tmp_path / "elsewhere")
+    kinds = collections.Counter()
+    with Connection(broker) as conn:
+        reply_queue(reply_to)(conn.default_channel).declare()
+        producer = conn.Producer()
+        run = subprocess.Popen(pool.command(*SLOW_TASKS, "--out", str(tmp_path / "real")), cwd=ROOT, env=clean_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        # When 1,000 hostile messages of six kinds are published while the real run goes on
+        for i in range(1000):
+            kind = ("broken-json", "pickle", "plain-text", "wrong-schema", "disallowed", "unregistered")[i % 6]
+            kinds[kind] += 1
+            headers = {"task": m.TASK_NAME, "id": f"hostile-{i}", "lang": "py"}
+            if kind == "broken-json":
+                producer.publish(b"{nope", routing_key=pool.queue, content_type="application/json",
+                                 content_encoding="utf-8", headers=headers)  # fmt: skip
+            elif kind == "pickle":
+                producer.publish(pickle.dumps(((), {"message": f"pickled-{i}"}, {})), routing_key=pool.queue,
+                                 content_type="application/x-python-serialize", content_encoding="binary",
+                                 headers=headers)  # fmt: skip
+            elif kind == "plain-text":
+                producer.publish(b"rm -rf /", routing_key=pool.queue, content_type="text/plain")
+            elif kind == "wrong-schema":
+                app.send_task(m.TASK_NAME, kwargs={"message": {"v": 1, "kind": "task", "task_id": i}},
+                              queue=pool.queue, task_id=f"hostile-{i}")  # fmt: skip
+            elif kind == "disallowed":
+                msg = _task_message(reply_to=reply_to, module="tests.pipelines_other", family="Elsewhere",
+                                    params={"out": elsewhere}, task_id=f"Elsewhere_{i}")  # fmt: skip
+                app.send_task(m.TASK_NAME, kwargs={"message": msg}, queue=pool.queue, task_id=f"hostile-{i}")
+            else:
+                app.send_task("os.system", args=["touch /tmp/owned"], queue=pool.queue, task_id=f"hostile-{i}")
+        output, _ = run.communicate(timeout=240)
+        reply_queue(reply_to)(conn.default_channel).delete()
+    # Then the real run completed, no hostile message ran anything, the workers are up,
+    assert run.returncode == 0, output[-3000:]
+    assert len(list((tmp_path / "real").glob("Slow_*.txt"))) == 8
+    assert not Path(elsewhere).exists()
+    assert all(w.alive() for w in pool.workers)
+    # and each rejection was logged exactly once
+    deadline = time.time() + 30
+    expected = {
+        "Can't decode message body": kinds["broken-json"] + kinds["plain-text"],
+        "Refusing to deserialize untrusted content of type pickle": kinds["pickle"],
+        "reject requeue=False: rejected malformed message": kinds["wrong-schema"],
+        "is not in the allowlist": kinds["disallowed"],
+        "Received unregistered task of type 'os.system'": kinds["unregistered"],
+    }
+    while time.time() < deadline and any(records(pool.logs(), w) < n for w, n in expected.items()):
+        time.sleep(0.5)
+    logs = pool.logs()
+    assert {w: records(logs, w) for w in expected} == expected
