@@ -29,6 +29,7 @@ class OutTask(luigi.Task):
 
 
 def _log_event(out: str, event: str, task_id: str) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)  # the first event may come before any output
     with open(Path(out, "events.log"), "a") as f:
         f.write(f"{event} {task_id} {os.getpid()}\n")
 

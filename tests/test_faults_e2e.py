@@ -31,8 +31,8 @@ def events(out: Path) -> list[tuple[str, str, int]]:
     path = out / "events.log"
     if not path.exists():
         return []
-    words = path.read_text().split()
-    return [(words[i], words[i + 1], int(words[i + 2])) for i in range(0, len(words) - 2, 3)]
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [(event, task, int(pid)) for event, task, pid in (w for w in lines if len(w) == 3)]
 
 
 def starts(out: Path) -> collections.Counter[str]:
