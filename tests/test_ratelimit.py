@@ -1,0 +1,128 @@
+"""The limiter's contract, for the Redis limiter and its in-memory twin alike."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+from unittest import mock
+
+import pytest
+
+from luigi_celery.ratelimit import MemoryLimiter, Rate, RedisLimiter
+from tests.conftest import REDIS_URL
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limiter(request):
+    if request.param == "memory":
+        return MemoryLimiter()
+    request.getfixturevalue("brokers")  # fails, never skips, without Redis
+    return RedisLimiter(REDIS_URL)
+
+
+@pytest.fixture
+def key():
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def test_rates_parse_and_bad_ones_are_refused():
+    assert Rate.parse("20/s").interval == pytest.approx(0.05)
+    assert Rate.parse("600/m").interval == pytest.approx(0.1)
+    assert Rate.parse("2/h", burst=3) == Rate(2, 3600, 3)
+    for bad in ("20", "20/d", "-1/s", "0/s", "x/s", 20):
+        with pytest.raises(ValueError, match="not a rate"):
+            Rate.parse(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="burst"):
+        Rate.parse("1/s", burst=-1)
+
+
+def test_without_burst_starts_are_spaced_by_the_interval(limiter, key):
+    rate = Rate.parse("10/s")
+    assert limiter.acquire(key, rate) == 0
+    wait = limiter.acquire(key, rate)
+    # Then a second start right after must wait about one interval, and nothing was taken
+    assert 0.05 < wait <= 0.1
+    assert limiter.acquire(key, rate) == pytest.approx(wait, abs=0.02)
+    time.sleep(wait + 0.005)
+    assert limiter.acquire(key, rate) == 0
+
+
+def test_a_burst_lets_that_many_more_through_at_once(limiter, key):
+    rate = Rate.parse("10/s", burst=3)
+    assert [limiter.acquire(key, rate) == 0 for _ in range(5)] == [True, True, True, True, False]
+
+
+def test_keys_have_separate_budgets(limiter, key):
+    rate = Rate.parse("1/s")
+    assert limiter.acquire(key, rate) == 0
+    assert limiter.acquire(key + "-other", rate) == 0
+    assert limiter.acquire(key, rate) > 0
+
+
+def _grant_times(limiter, key: str, rate: Rate, seconds: float) -> list[float]:
+    granted = []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        wait = limiter.acquire(key, rate)
+        if wait == 0:
+            granted.append(time.time())
+        else:
+            time.sleep(min(wait, 0.01))
+    return granted
+
+
+def _assert_within_budget(times: list[float], rate: Rate, seconds: float) -> None:
+    times = sorted(times)
+    # at most count + 1 + burst starts in any window of one period (sliding, every start as a window's edge)
+    for i, start in enumerate(times):
+        in_window = sum(1 for t in times[i:] if t < start + rate.period)
+        assert in_window <= rate.count + 1 + rate.burst, (i, in_window)
+    assert len(times) <= rate.count * seconds / rate.period + 1 + rate.burst
+
+
+def test_sixteen_threads_never_exceed_the_budget(limiter, key):
+    rate = Rate.parse("50/s")
+    results: list[list[float]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_grant_times(limiter, key, rate, 2.0))) for _ in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    granted = [t for r in results for t in r]
+    _assert_within_budget(granted, rate, 2.0)
+    assert len(granted) >= 0.8 * 50 * 2  # and the budget is used, not starved
+
+
+def _process_grants(url: str, key: str, offset: float, out: multiprocessing.Queue) -> None:
+    # A client whose clock is off by `offset` seconds: the limit must not care.
+    real = time.time
+    with mock.patch("time.time", lambda: real() + offset):
+        limiter = RedisLimiter(url)
+        out.put([t - offset for t in _grant_times(limiter, key, Rate.parse("40/s"), 2.0)])
+
+
+def test_four_processes_with_skewed_clocks_never_exceed_the_budget(brokers, key):
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    offsets = [0.0, 7.5, -3.0, 7.5]
+    processes = [multiprocessing.Process(target=_process_grants, args=(REDIS_URL, key, o, out)) for o in offsets]
+    for p in processes:
+        p.start()
+    granted = [t for _ in processes for t in out.get(timeout=30)]
+    for p in processes:
+        p.join()
+    _assert_within_budget(granted, Rate.parse("40/s"), 2.0)
+    assert len(granted) >= 0.8 * 40 * 2
+
+
+def test_the_twin_uses_its_own_clock_not_the_callers():
+    now = [100.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    rate = Rate.parse("1/s")
+    assert limiter.acquire("k", rate) == 0
+    assert limiter.acquire("k", rate) == pytest.approx(1.0)
+    now[0] += 1.0
+    assert limiter.acquire("k", rate) == 0
