@@ -9,6 +9,7 @@ attribute wins.  They are read here and nowhere else, and an unknown
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import luigi
 
 from luigi_celery.errors import ConfigError
+from luigi_celery.ratelimit import Rate
+from luigi_celery.retry import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, RetryPolicy
 
 CONFIG_SECTION_PREFIX = "luigi_celery.task."
 
@@ -33,10 +36,62 @@ def _priority(value: Any) -> int:
     return int(value)
 
 
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty name")
+    return value.strip()
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or int(value) < 0:
+        raise ValueError("must be a whole number >= 0")
+    return int(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or float(value) <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return float(value)
+
+
+def _rate(value: Any) -> str:
+    Rate.parse(value)  # raises ValueError naming the form
+    return str(value)
+
+
+def _exception_types(value: Any) -> tuple[type[BaseException], ...]:
+    """A tuple of exception classes, or (from the config) their dotted names, comma-separated."""
+    if isinstance(value, type):
+        value = (value,)
+    if isinstance(value, str):
+        value = tuple(_import_exception(name.strip()) for name in value.split(",") if name.strip())
+    if not value or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
+        raise ValueError("must be exception classes (in the config: dotted names, comma-separated)")
+    return tuple(value)
+
+
+def _import_exception(dotted: str) -> type[BaseException]:
+    module, _, name = dotted.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module or "builtins"), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {dotted!r}") from e
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise ValueError(f"{dotted!r} is not an exception class")
+    return found
+
+
 # option name -> parser (accepts the class attribute's value or the config's string)
 OPTIONS: dict[str, Callable[[Any], Any]] = {
     "celery_queue": _queue,
     "celery_priority": _priority,
+    "rate_limit": _rate,
+    "rate_limit_burst": _whole,
+    "rate_limit_key": _name,
+    "max_retries": _whole,
+    "retry_backoff": _seconds,
+    "retry_backoff_max": _seconds,
+    "retry_on": _exception_types,
 }
 
 
@@ -46,6 +101,10 @@ class TaskOptions:
 
     queue: str | None = None
     priority: int | None = None
+    # The global start rate, and the budget it counts against (the family unless shared).
+    rate: Rate | None = None
+    rate_key: str = ""
+    retry: RetryPolicy | None = None
 
 
 def _config_values(family: str) -> dict[str, str]:
@@ -56,8 +115,9 @@ def _config_values(family: str) -> dict[str, str]:
     return dict(config.items(section))
 
 
-def _check_known(names: set[str], where: str) -> None:
-    unknown = sorted(n for n in names if n.startswith("celery_") and n not in OPTIONS)
+def _check_known(names: set[str], where: str, every_name: bool = False) -> None:
+    # A class has many attributes, so only celery_* names are ours there; a config section is all ours.
+    unknown = sorted(n for n in names if (every_name or n.startswith("celery_")) and n not in OPTIONS)
     if unknown:
         raise ConfigError(
             f"unknown option {', '.join(unknown)} on {where}; valid options: {', '.join(sorted(OPTIONS))}"
@@ -70,7 +130,7 @@ def task_options(task_cls: type[luigi.Task]) -> TaskOptions:
     family = task_cls.get_task_family()
     _check_known({n for n in dir(task_cls)}, f"task class {family}")
     from_config = _config_values(family)
-    _check_known({n for n in from_config if n.startswith("celery_")}, f"[{CONFIG_SECTION_PREFIX}{family}]")
+    _check_known(set(from_config), f"[{CONFIG_SECTION_PREFIX}{family}]", every_name=True)
 
     values: dict[str, Any] = {}
     for name, parse in OPTIONS.items():
@@ -81,7 +141,30 @@ def task_options(task_cls: type[luigi.Task]) -> TaskOptions:
         if raw is None:
             continue
         try:
-            values[name.removeprefix("celery_")] = parse(raw)
+            values[name] = parse(raw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid {source} = {raw!r}: {e}") from e
-    return TaskOptions(**values)
+    return _resolve(family, values)
+
+
+def _resolve(family: str, values: dict[str, Any]) -> TaskOptions:
+    rate = None
+    if "rate_limit" in values:
+        rate = Rate.parse(values["rate_limit"], values.get("rate_limit_burst", 0))
+    elif "rate_limit_burst" in values or "rate_limit_key" in values:
+        raise ConfigError(f"{family} sets rate_limit_burst or rate_limit_key without rate_limit")
+    retry = None
+    if values.get("max_retries"):
+        retry = RetryPolicy(
+            max_retries=values["max_retries"],
+            backoff=values.get("retry_backoff", DEFAULT_BACKOFF),
+            backoff_max=values.get("retry_backoff_max", DEFAULT_BACKOFF_MAX),
+            retry_on=values.get("retry_on", (Exception,)),
+        )
+    return TaskOptions(
+        queue=values.get("celery_queue"),
+        priority=values.get("celery_priority"),
+        rate=rate,
+        rate_key=values.get("rate_limit_key", family) if rate else "",
+        retry=retry,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -235,4 +236,56 @@ def test_a_fractional_priority_on_the_class_is_refused(request: pytest.FixtureRe
 
     # When its options are resolved / Then it is refused rather than rounded down
     with pytest.raises(ConfigError, match="celery_priority"):
+        task_options(task_cls)
+
+
+# --- rate limits and retries ---------------------------------------------------------
+
+
+def test_rate_limit_and_retry_options_from_the_class(request: pytest.FixtureRequest) -> None:
+    from luigi_celery.ratelimit import Rate
+    from luigi_celery.retry import RetryPolicy
+
+    task_cls = _task_class(
+        request, rate_limit="20/s", rate_limit_burst=2, rate_limit_key="api", max_retries=3,
+        retry_backoff=0.5, retry_backoff_max=4, retry_on=(ConnectionError, TimeoutError),
+    )  # fmt: skip
+    options = task_options(task_cls)
+    assert options.rate == Rate(20, 1.0, 2) and options.rate_key == "api"
+    assert options.retry == RetryPolicy(3, 0.5, 4.0, (ConnectionError, TimeoutError))
+
+
+def test_a_rate_limit_without_a_key_counts_against_its_family(request: pytest.FixtureRequest) -> None:
+    task_cls = _task_class(request, rate_limit="600/m")
+    assert task_options(task_cls).rate_key == task_cls.get_task_family()
+
+
+def test_retry_options_from_the_config_import_the_exception_names(
+    request: pytest.FixtureRequest, set_task_config
+) -> None:
+    task_cls = _task_class(request)
+    set_task_config(task_cls, max_retries="2", retry_on="builtins.ConnectionError, socket.timeout")
+    assert task_options(task_cls).retry.retry_on == (ConnectionError, socket.timeout)
+
+
+@pytest.mark.parametrize(
+    "attributes, words",
+    [
+        ({"rate_limit": "20 per second"}, "not a rate"),
+        ({"rate_limit": "20/s", "rate_limit_burst": -1}, "rate_limit_burst"),
+        ({"rate_limit_key": "api"}, "without rate_limit"),
+        ({"max_retries": 2, "retry_on": ValueError("not a class")}, "retry_on"),
+        ({"max_retries": 2, "retry_backoff": 0}, "retry_backoff"),
+    ],
+)
+def test_bad_rate_or_retry_options_are_refused(request: pytest.FixtureRequest, attributes, words) -> None:
+    task_cls = _task_class(request, **attributes)
+    with pytest.raises(ConfigError, match=words):
+        task_options(task_cls)
+
+
+def test_an_unknown_key_in_the_config_section_is_refused(request: pytest.FixtureRequest, set_task_config) -> None:
+    task_cls = _task_class(request)
+    set_task_config(task_cls, rate_limt="20/s")
+    with pytest.raises(ConfigError, match="rate_limt"):
         task_options(task_cls)
