@@ -15,6 +15,7 @@ from celery import Celery
 
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
 from luigi_celery.execute import register_execute
+from luigi_celery.ratelimit import RedisLimiter
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
 from luigi_celery.store import RedisStore, redis_store_url
 
@@ -82,7 +83,13 @@ def make_app(settings: Settings) -> Celery:
         include=list(settings.task_modules),
     )
     store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
-    register_execute(app, settings.task_modules, RedisStore(store_url) if store_url else None, settings.lock_ttl)
+    register_execute(
+        app,
+        settings.task_modules,
+        RedisStore(store_url) if store_url else None,
+        settings.lock_ttl,
+        RedisLimiter(store_url) if store_url else None,
+    )
     return app
 
 

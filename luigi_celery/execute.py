@@ -24,8 +24,11 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded, 
 from luigi.task_register import TaskClassException
 
 from luigi_celery import message as m
-from luigi_celery.errors import MessageError
+from luigi_celery.errors import ConfigError, MessageError
+from luigi_celery.options import task_options
+from luigi_celery.ratelimit import Limiter
 from luigi_celery.results import publish_reply
+from luigi_celery.retry import RetryPolicy
 from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Lease, Store, died_here, owner_here
 
@@ -60,7 +63,7 @@ class RemoteStatusReporter:
         self._publish = publish
         self._msg = msg
 
-    def _send(self, field: str, value: Any) -> None:
+    def send(self, field: str, value: Any) -> None:
         update = m.StatusMessage(celery_id=self._msg.celery_id, task_id=self._msg.task_id, field=field, value=value)
         try:
             self._publish(self._msg.reply_to, update.to_dict())
@@ -68,16 +71,16 @@ class RemoteStatusReporter:
             logger.warning("could not send %s of %s: %s", field, self._msg.task_id, e)
 
     def update_tracking_url(self, tracking_url: str) -> None:
-        self._send("tracking_url", tracking_url)
+        self.send("tracking_url", tracking_url)
 
     def update_status_message(self, message: str) -> None:
-        self._send("status_message", message)
+        self.send("status_message", message)
 
     def update_progress_percentage(self, percentage: float) -> None:
-        self._send("progress_percentage", percentage)
+        self.send("progress_percentage", percentage)
 
     def decrease_running_resources(self, decrease_resources: dict[str, int]) -> None:
-        self._send("decrease_running_resources", decrease_resources)
+        self.send("decrease_running_resources", decrease_resources)
 
 
 class _OneResult:
@@ -95,6 +98,9 @@ class _WorkerTaskProcess(luigi.worker.TaskProcess):
 
     timed_out = False
     timeout_seconds: float | None = None
+    retry: RetryPolicy | None = None
+    failures = 0  # failed attempts before this one
+    retry_error: BaseException | None = None
 
     def _handle_run_exception(self, ex: BaseException) -> str:
         if isinstance(ex, SystemExit):
@@ -102,6 +108,10 @@ class _WorkerTaskProcess(luigi.worker.TaskProcess):
             # process): the task did not fail, it was cut off. Let the exit through,
             # so Celery treats it as a lost worker and requeues the message.
             raise ex
+        if self.retry is not None and isinstance(ex, Exception) and self.retry.should_retry(ex, self.failures):
+            # Another attempt will come: Luigi hears of no failure, so no on_failure, no FAILURE event.
+            self.retry_error = ex
+            return "".join(traceback.format_exception(ex))
         if isinstance(ex, SoftTimeLimitExceeded):
             # Stock Luigi kills a timed-out process: no on_failure, no FAILURE event;
             # the dispatcher fires TIMEOUT, as Luigi's worker does.
@@ -123,10 +133,8 @@ def _as_text(expl: Any) -> str:
     return expl if isinstance(expl, str) else str(expl)
 
 
-def run_task_message(
-    msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publish, skip_if_complete: bool = False
-) -> m.ResultMessage:
-    """Rebuild and run the task ``msg`` names; return how it ended. Never raises for the task's own errors."""
+def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.ResultMessage:
+    """The Luigi task ``msg`` names, or a FAILED result saying why it cannot be had here."""
     if not module_allowed(msg.module, allowed):
         logger.warning("refused %s: module %r is not in the allowlist", msg.celery_id, msg.module)
         return _failed(
@@ -148,6 +156,21 @@ def run_task_message(
         return _failed(
             msg, f"the rebuilt task has id {task.task_id}, not {msg.task_id}: worker and dispatcher code differ"
         )
+    return task
+
+
+def run_task(
+    task: luigi.Task,
+    msg: m.TaskMessage,
+    publish: Publish,
+    skip_if_complete: bool = False,
+    retry: RetryPolicy | None = None,
+) -> tuple[m.ResultMessage, BaseException | None]:
+    """Run ``task`` through Luigi's TaskProcess; return how it ended, and the error to retry on, if any.
+
+    When ``retry`` says the error is worth another attempt, the failure hooks do
+    not fire (Luigi has not heard of a failure) and the caller re-queues the task.
+    """
     if skip_if_complete and _already_complete(task):
         # A redelivered or re-published message for work that is done: answer, don't redo.
         logger.info("%s is already complete; not run again", msg.task_id)
@@ -157,7 +180,7 @@ def run_task_message(
             status=m.DONE,
             expl="already complete",
             host=socket.gethostname(),
-        )
+        ), None
 
     outcome = _OneResult()
     process = _WorkerTaskProcess(
@@ -169,24 +192,39 @@ def run_task_message(
         check_complete_on_run=msg.check_complete_on_run,
     )
     process.timeout_seconds = msg.worker_timeout
+    process.retry, process.failures = retry, msg.failures
     try:
         process.run()
     except Exception:
         # The task's own on_failure (or an event handler) raised while Luigi handled
         # its failure: TaskProcess has put FAILED without an explanation, then re-raised.
-        return _failed(msg, f"{msg.task_id} failed, and handling the failure raised:\n{traceback.format_exc()}")
+        return _failed(msg, f"{msg.task_id} failed, and handling the failure raised:\n{traceback.format_exc()}"), None
     assert outcome.item is not None, "TaskProcess.run() always puts a result"
     _, status, expl, missing, new_deps = outcome.item
-    return m.ResultMessage(
+    expl = _as_text(expl)
+    if status == m.FAILED and retry is not None and process.retry_error is None:
+        expl = f"{msg.task_id} failed after {msg.failures + 1} attempt(s):\n{expl}"
+    result = m.ResultMessage(
         celery_id=msg.celery_id,
         task_id=msg.task_id,
         status=status,
-        expl=_as_text(expl),
+        expl=expl,
         missing=list(missing or ()),
         new_deps=[(module, family, dict(params)) for module, family, params in new_deps or ()],
         event="timeout" if process.timed_out else None,
         host=socket.gethostname(),
     )
+    return result, process.retry_error
+
+
+def run_task_message(
+    msg: m.TaskMessage, allowed: tuple[str, ...], publish: Publish, skip_if_complete: bool = False
+) -> m.ResultMessage:
+    """Rebuild and run the task ``msg`` names; return how it ended. Never raises for the task's own errors."""
+    task = rebuild(msg, allowed)
+    if isinstance(task, m.ResultMessage):
+        return task
+    return run_task(task, msg, publish, skip_if_complete)[0]
 
 
 def _already_complete(task: luigi.Task) -> bool:
@@ -297,10 +335,23 @@ class ExecuteTask(Task):
             logger.exception("could not report the failure of %s", msg.task_id)
 
 
+def _hold(publish: Publish, msg: m.TaskMessage, seconds: float) -> None:
+    """Tell the dispatcher this task waits on purpose (a retry, a rate limit), so it is not lost."""
+    RemoteStatusReporter(publish, msg).send("retry_in", seconds)
+
+
 def register_execute(
-    app: Celery, allowed: tuple[str, ...], store: Store | None = None, lock_ttl: float = DEFAULT_LOCK_TTL
+    app: Celery,
+    allowed: tuple[str, ...],
+    store: Store | None = None,
+    lock_ttl: float = DEFAULT_LOCK_TTL,
+    limiter: Limiter | None = None,
 ) -> Task:
-    """Add the execute task to ``app``; ``allowed`` is the module allowlist, ``store`` holds run locks."""
+    """Add the execute task to ``app``.
+
+    ``allowed`` is the module allowlist, ``store`` holds run locks, ``limiter``
+    enforces rate limits where tasks start (None: the dispatcher paces instead).
+    """
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
         publish_reply(app, reply_to, payload)
@@ -317,6 +368,26 @@ def register_execute(
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
             # Celery logs the rejection, once, with this reason.
             raise Reject(f"rejected malformed message: {e}", requeue=False) from e
+        task = rebuild(msg, allowed)
+        if isinstance(task, m.ResultMessage):
+            publish(msg.reply_to, task.to_dict())
+            return task.to_dict()
+        try:
+            options = task_options(type(task))
+        except ConfigError as e:
+            failed = _failed(msg, f"bad options on {msg.family}: {e}")
+            publish(msg.reply_to, failed.to_dict())
+            return failed.to_dict()
+
+        if options.rate is not None and limiter is not None:
+            wait = limiter.acquire(options.rate_key, options.rate)
+            if wait > 0:
+                # Not yet: back to the broker with a countdown. The worker keeps it in
+                # memory, not in a pool process, and other tasks go on meanwhile.
+                if msg.failures:
+                    _hold(publish, msg, wait + lock_ttl)
+                raise self.retry(countdown=wait, max_retries=None)
+
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
                 return {"duplicate": msg.celery_id}
@@ -325,10 +396,21 @@ def register_execute(
             # A first delivery always runs, as under stock Luigi (a wrapper task is
             # complete when dispatched, yet Luigi runs it and fires its events).
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-            repeat = lease.seen_before or msg.attempt > 1 or redelivered
-            result = run_task_message(msg, allowed, publish, skip_if_complete=repeat)
-            # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
-            publish(msg.reply_to, result.to_dict())
-        return result.to_dict()
+            repeat = lease.seen_before or msg.attempt > 1 or redelivered or msg.failures > 0
+            result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=options.retry)
+            if retry_error is None:
+                # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
+                publish(msg.reply_to, result.to_dict())
+                return result.to_dict()
+        assert options.retry is not None
+        failures = msg.failures + 1
+        delay = options.retry.delay(failures)
+        text = f"retry {failures}/{options.retry.max_retries} in {delay:.1f} s: {retry_error!r}"
+        logger.warning("%s: %s", msg.task_id, text)
+        RemoteStatusReporter(publish, msg).update_status_message(text)
+        _hold(publish, msg, delay + lock_ttl)
+        raise self.retry(
+            countdown=delay, max_retries=None, kwargs={"message": dataclasses.replace(msg, failures=failures).to_dict()}
+        )
 
     return execute

@@ -35,6 +35,8 @@ STATUS_FIELDS: dict[str, tuple[type, ...]] = {
     "progress_percentage": (int, float),
     "tracking_url": (str,),
     "decrease_running_resources": (dict,),
+    # Not Luigi's: the task waits on purpose (a retry, a rate limit) for this many seconds.
+    "retry_in": (int, float),
 }
 
 # A timed-out task is reported FAILED with event "timeout", so the dispatcher
@@ -113,6 +115,8 @@ class TaskMessage:
     check_complete_on_run: bool = False
     # Luigi's worker_timeout for this task (None: no limit); Celery enforces it.
     worker_timeout: float | None = None
+    # Failed attempts so far (retries with backoff), carried by the re-queued message.
+    failures: int = 0
 
     kind = "task"
 
@@ -129,6 +133,9 @@ class TaskMessage:
         attempt = _require(data, "attempt", (int,))
         if attempt < 1:
             raise MessageError("field 'attempt' must be at least 1")
+        failures = _require(data, "failures", (int,))
+        if failures < 0:
+            raise MessageError("field 'failures' must be a whole number")
         worker_timeout = _require(data, "worker_timeout", (int, float), nullable=True)
         if worker_timeout is not None and worker_timeout <= 0:
             raise MessageError("field 'worker_timeout' must be positive")
@@ -143,6 +150,7 @@ class TaskMessage:
             check_unfulfilled_deps=_require(data, "check_unfulfilled_deps", (bool,)),
             check_complete_on_run=_require(data, "check_complete_on_run", (bool,)),
             worker_timeout=worker_timeout,
+            failures=failures,
         )
 
 

@@ -48,6 +48,8 @@ class Tracked:
     started: bool = False
     lock_gone_since: float | None = None
     celery_ids: list[str] = field(default_factory=list)
+    # The worker said it waits on purpose (a retry, a rate limit) until then.
+    hold_until: float = 0.0
 
 
 @dataclass
@@ -71,6 +73,9 @@ def judge(
     """
     verdicts = Verdicts()
     for t, lock, has_started in zip(tracked, locks, started, strict=True):
+        if now < t.hold_until:
+            t.lock_gone_since = None
+            continue
         t.started = t.started or has_started or lock
         if not t.started:
             if queue_timeout is not None and now - t.waiting_since > queue_timeout:

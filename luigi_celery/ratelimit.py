@@ -29,7 +29,7 @@ from typing import Protocol
 
 import redis
 
-from luigi_celery.store import KEY_PREFIX
+from luigi_celery.store import KEY_PREFIX, ride_out_outages
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
@@ -112,6 +112,7 @@ class RedisLimiter:
         self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
         self._gcra = self._client.register_script(_GCRA)
 
+    @ride_out_outages
     def acquire(self, key: str, rate: Rate) -> float:
         interval_ms = rate.interval * 1000
         wait_ms = self._gcra(keys=[limit_key(key)], args=[repr(interval_ms), repr(rate.burst * interval_ms)])

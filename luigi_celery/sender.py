@@ -24,6 +24,7 @@ from luigi_celery import message as m
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError, RunAlreadyActive
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
+from luigi_celery.ratelimit import MemoryLimiter, Rate
 from luigi_celery.results import PUBLISH_RETRY_POLICY, ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
 from luigi_celery.store import Store, died_here, owner_here
@@ -72,6 +73,8 @@ class Sender:
         self._owner = owner_here("dispatcher")
         # task digest -> Celery ids an earlier dispatcher of this run saw started
         self._adoptable: dict[str, list[str]] = {}
+        # paces rate-limited tasks when there is no store (the workers do it when there is)
+        self._pacer = MemoryLimiter()
         # replies that came for adoptable ids before Luigi asked for their task
         self._early: dict[str, m.ResultMessage] = {}
         # Luigi task ids revoked when the run was interrupted, and their Celery ids.
@@ -181,8 +184,23 @@ class Sender:
             publish_options["soft_time_limit"] = msg.worker_timeout
             publish_options["time_limit"] = msg.worker_timeout + HARD_TIME_LIMIT_GRACE
         tracked = Tracked(flight, msg, publish_options["queue"], publish_options)
-        if not self._adopt(tracked):
+        if self._adopt(tracked):
+            return
+        if options.rate is not None and self.store is None:
+            # No shared store (embedded, or RabbitMQ alone): this dispatcher paces the starts
+            # itself. Embedded, every task in flight has a pool process, so publishing is starting.
+            self._publish_paced(tracked, options.rate_key, options.rate)
+        else:
             self._publish(tracked)
+
+    def _publish_paced(self, tracked: Tracked, key: str, rate: Rate) -> None:
+        wait = self._pacer.acquire(key, rate)
+        if wait == 0:
+            self._publish(tracked)
+            return
+        timer = threading.Timer(wait, self._publish_paced, (tracked, key, rate))
+        timer.daemon = True
+        timer.start()
 
     def _adopt(self, tracked: Tracked) -> bool:
         """Watch attempts an earlier dispatcher of this run started, instead of sending again.
@@ -293,6 +311,8 @@ class Sender:
                 return
         if tracked is None:
             logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
+        elif isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
+            tracked.hold_until = time.monotonic() + float(reply.value)
         elif isinstance(reply, m.ResultMessage):
             tracked.flight.on_result(reply)
         else:

@@ -34,7 +34,7 @@ START_MARK_TTL = 7 * 24 * 3600
 # jitter, for this long: a Redis restart is not a reason to fail a task.
 OUTAGE_TOLERANCE = 30.0
 
-_ride_out_outages = tenacity.retry(
+ride_out_outages = tenacity.retry(
     retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
     wait=tenacity.wait_exponential_jitter(initial=0.2, max=3.0),
     stop=tenacity.stop_after_delay(OUTAGE_TOLERANCE),
@@ -196,21 +196,21 @@ class RedisStore:
         except redis.RedisError as e:
             raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
 
-    @_ride_out_outages
+    @ride_out_outages
     def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
         keys = [lock_key(task_id), starts_key(run_id)]
         holder, seen = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
         return Lease(str(holder) if holder else None, bool(seen))
 
-    @_ride_out_outages
+    @ride_out_outages
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
         return bool(self._refresh(keys=[lock_key(task_id)], args=[owner, int(ttl * 1000)]))
 
-    @_ride_out_outages
+    @ride_out_outages
     def release(self, task_id: str, owner: str) -> None:
         self._release(keys=[lock_key(task_id)], args=[owner])
 
-    @_ride_out_outages
+    @ride_out_outages
     def status(self, run_id: str, task_ids: list[str], celery_ids: list[str]) -> tuple[list[bool], list[bool]]:
         if not task_ids and not celery_ids:
             return [], []
@@ -224,25 +224,25 @@ class RedisStore:
         started = [v is not None for v in results[len(task_ids)]] if celery_ids else []
         return locks, started
 
-    @_ride_out_outages
+    @ride_out_outages
     def claim_run(self, run_id: str, owner: str, ttl: float) -> str | None:
         if self._client.set(run_key(run_id), owner, nx=True, px=int(ttl * 1000)):
             return None
         return str(self._client.get(run_key(run_id)) or "")
 
-    @_ride_out_outages
+    @ride_out_outages
     def refresh_run(self, run_id: str, owner: str, ttl: float) -> bool:
         return bool(self._refresh(keys=[run_key(run_id)], args=[owner, int(ttl * 1000)]))
 
-    @_ride_out_outages
+    @ride_out_outages
     def release_run(self, run_id: str, owner: str) -> None:
         self._release(keys=[run_key(run_id)], args=[owner])
 
-    @_ride_out_outages
+    @ride_out_outages
     def started(self, run_id: str) -> list[str]:
         return sorted(str(k) for k in self._client.hkeys(starts_key(run_id)))
 
-    @_ride_out_outages
+    @ride_out_outages
     def forget_run(self, run_id: str) -> None:
         self._client.delete(starts_key(run_id))
 
