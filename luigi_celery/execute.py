@@ -26,7 +26,7 @@ from luigi.task_register import TaskClassException
 from luigi_celery import message as m
 from luigi_celery.errors import ConfigError, MessageError
 from luigi_celery.options import task_options
-from luigi_celery.ratelimit import Limiter
+from luigi_celery.ratelimit import LATENESS_ALLOWED, Limiter, Rate
 from luigi_celery.results import publish_reply
 from luigi_celery.retry import RetryPolicy
 from luigi_celery.settings import DEFAULT_LOCK_TTL
@@ -335,6 +335,17 @@ class ExecuteTask(Task):
             logger.exception("could not report the failure of %s", msg.task_id)
 
 
+def _rate_gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tuple[float, float]:
+    """(seconds to wait, the slot to wait for); (0, slot) means start now.
+
+    A task that comes with a slot starts if it is on time; one that comes late
+    (a busy pool, a slow broker) or with no slot takes the next free one.
+    """
+    if slot is not None and limiter.late_by(slot) <= LATENESS_ALLOWED * rate.interval:
+        return 0.0, slot
+    return limiter.reserve(key, rate)
+
+
 def _hold(publish: Publish, msg: m.TaskMessage, seconds: float) -> None:
     """Tell the dispatcher this task waits on purpose (a retry, a rate limit), so it is not lost."""
     RemoteStatusReporter(publish, msg).send("retry_in", seconds)
@@ -380,13 +391,14 @@ def register_execute(
             return failed.to_dict()
 
         if options.rate is not None and limiter is not None:
-            wait = limiter.acquire(options.rate_key, options.rate)
+            wait, slot = _rate_gate(limiter, options.rate_key, options.rate, msg.rate_slot)
             if wait > 0:
-                # Not yet: back to the broker with a countdown. The worker keeps it in
-                # memory, not in a pool process, and other tasks go on meanwhile.
+                # Its slot is later: back to the broker with that countdown, holding the slot.
+                # The worker keeps it in memory, not in a pool process, and other tasks go on.
                 if msg.failures:
                     _hold(publish, msg, wait + lock_ttl)
-                raise self.retry(countdown=wait, max_retries=None)
+                reserved = dataclasses.replace(msg, rate_slot=slot)
+                raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
@@ -409,8 +421,7 @@ def register_execute(
         logger.warning("%s: %s", msg.task_id, text)
         RemoteStatusReporter(publish, msg).update_status_message(text)
         _hold(publish, msg, delay + lock_ttl)
-        raise self.retry(
-            countdown=delay, max_retries=None, kwargs={"message": dataclasses.replace(msg, failures=failures).to_dict()}
-        )
+        again = dataclasses.replace(msg, failures=failures, rate_slot=None)
+        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": again.to_dict()})
 
     return execute

@@ -117,6 +117,8 @@ class TaskMessage:
     worker_timeout: float | None = None
     # Failed attempts so far (retries with backoff), carried by the re-queued message.
     failures: int = 0
+    # The rate-limit slot this task holds (on the limiter's clock): start then, not much later.
+    rate_slot: float | None = None
 
     kind = "task"
 
@@ -151,6 +153,7 @@ class TaskMessage:
             check_complete_on_run=_require(data, "check_complete_on_run", (bool,)),
             worker_timeout=worker_timeout,
             failures=failures,
+            rate_slot=_require(data, "rate_slot", (int, float), nullable=True),
         )
 
 

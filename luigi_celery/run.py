@@ -18,6 +18,7 @@ from luigi_celery.dispatch import (
 )
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
 from luigi_celery.errors import RunAlreadyActive
+from luigi_celery.ratelimit import RedisLimiter
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store import RedisStore, redis_store_url
@@ -70,7 +71,8 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     app = make_app(settings)
     store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
     store = RedisStore(store_url) if store_url else None
-    sender = Sender(app, settings, run_id=run_id(luigi_argv, settings) if store else None, store=store)
+    limiter = RedisLimiter(store_url) if store_url else None
+    sender = Sender(app, settings, run_id=run_id(luigi_argv, settings) if store else None, store=store, limiter=limiter)
     embedded: list[EmbeddedWorker] = []
 
     def start_sender(worker_count: int) -> None:

@@ -24,7 +24,7 @@ from luigi_celery import message as m
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError, RunAlreadyActive
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
-from luigi_celery.ratelimit import MemoryLimiter, Rate
+from luigi_celery.ratelimit import Limiter, MemoryLimiter
 from luigi_celery.results import PUBLISH_RETRY_POLICY, ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
 from luigi_celery.store import Store, died_here, owner_here
@@ -59,7 +59,14 @@ def check_broker(app: Celery, timeout: float) -> None:
 class Sender:
     """Publishes tasks for one run and matches the replies to what is in flight."""
 
-    def __init__(self, app: Celery, settings: Settings, run_id: str | None = None, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        settings: Settings,
+        run_id: str | None = None,
+        store: Store | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -73,8 +80,8 @@ class Sender:
         self._owner = owner_here("dispatcher")
         # task digest -> Celery ids an earlier dispatcher of this run saw started
         self._adoptable: dict[str, list[str]] = {}
-        # paces rate-limited tasks when there is no store (the workers do it when there is)
-        self._pacer = MemoryLimiter()
+        # reserves rate-limit slots: global with a store, this dispatcher's own without
+        self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
         # replies that came for adoptable ids before Luigi asked for their task
         self._early: dict[str, m.ResultMessage] = {}
         # Luigi task ids revoked when the run was interrupted, and their Celery ids.
@@ -186,21 +193,18 @@ class Sender:
         tracked = Tracked(flight, msg, publish_options["queue"], publish_options)
         if self._adopt(tracked):
             return
-        if options.rate is not None and self.store is None:
-            # No shared store (embedded, or RabbitMQ alone): this dispatcher paces the starts
-            # itself. Embedded, every task in flight has a pool process, so publishing is starting.
-            self._publish_paced(tracked, options.rate_key, options.rate)
-        else:
-            self._publish(tracked)
-
-    def _publish_paced(self, tracked: Tracked, key: str, rate: Rate) -> None:
-        wait = self._pacer.acquire(key, rate)
-        if wait == 0:
+        if options.rate is None:
             self._publish(tracked)
             return
-        timer = threading.Timer(wait, self._publish_paced, (tracked, key, rate))
-        timer.daemon = True
-        timer.start()
+        # Reserve the start's slot before publishing, and publish when it is due: workers get
+        # rate-limited tasks spread out, not in a burst. With a store the slot is global and
+        # travels with the task (a worker it reaches late takes a new one); without one
+        # (embedded, RabbitMQ alone) this dispatcher paces alone - embedded, every task in
+        # flight has a pool process, so publishing is starting.
+        wait, slot = self._limiter.reserve(options.rate_key, options.rate)
+        if self.store is not None:
+            tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
+        self._publish(tracked, delay=wait)
 
     def _adopt(self, tracked: Tracked) -> bool:
         """Watch attempts an earlier dispatcher of this run started, instead of sending again.
@@ -236,7 +240,8 @@ class Sender:
         tracked.started, tracked.lock_gone_since, tracked.waiting_since = False, None, time.monotonic()
         self._publish(tracked)
 
-    def _publish(self, tracked: Tracked) -> None:
+    def _publish(self, tracked: Tracked, delay: float = 0.0) -> None:
+        """Publish a new attempt of ``tracked``, now or ``delay`` seconds from now (its rate slot)."""
         task_id = tracked.msg.task_id
         with self._lock:
             self._attempts[task_id] += 1
@@ -245,6 +250,22 @@ class Sender:
             tracked.celery_ids.append(celery_id)
             # Registered before publishing: a fast worker can reply before publish() returns.
             self._in_flight[celery_id] = tracked
+        if delay > 0:
+            tracked.waiting_since = time.monotonic() + delay
+            timer = threading.Timer(delay, self._send_when_due, (tracked, celery_id))
+            timer.daemon = True
+            timer.start()
+            return
+        self._send(tracked, celery_id)
+
+    def _send_when_due(self, tracked: Tracked, celery_id: str) -> None:
+        with self._lock:
+            wanted = self._in_flight.get(celery_id) is tracked  # not revoked or failed meanwhile
+        if wanted:
+            self._send(tracked, celery_id)
+
+    def _send(self, tracked: Tracked, celery_id: str) -> None:
+        task_id = tracked.msg.task_id
         try:
             self.app.send_task(
                 m.TASK_NAME,

@@ -274,3 +274,81 @@ class WrapsSucceeds(luigi.WrapperTask):
 
     def on_success(self):
         Path(self.out, "wrapper_on_success.txt").write_text(self.task_id)
+
+
+class StartsAt(OutTask):
+    """Writes the moment its run() began, for rate measurements."""
+
+    n = luigi.IntParameter()
+
+    def run(self):
+        began = time.time()
+        self.write(repr(began))
+
+
+class Limited(StartsAt):
+    rate_limit = "20/s"
+
+
+class LimitedBatch(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+    first = luigi.IntParameter()
+    count = luigi.IntParameter()
+
+    def requires(self):
+        return [Limited(out=self.out, n=n) for n in range(self.first, self.first + self.count)]
+
+
+class SharedA(StartsAt):
+    rate_limit = "10/s"
+    rate_limit_key = "lc-test-one-api"
+
+
+class SharedB(StartsAt):
+    rate_limit = "10/s"
+    rate_limit_key = "lc-test-one-api"
+
+
+class Unlimited(StartsAt):
+    pass
+
+
+class SharedAndUnlimited(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        tasks = []
+        for n in range(30):
+            tasks += [SharedA(out=self.out, n=n), SharedB(out=self.out, n=n), Unlimited(out=self.out, n=n)]
+        return tasks
+
+
+class Flaky(OutTask):
+    """Fails with a retryable error ``fail_times`` times, then succeeds; logs each attempt's time."""
+
+    fail_times = luigi.IntParameter(default=2)
+    max_retries = 3
+    retry_backoff = 0.5
+    retry_backoff_max = 4
+    retry_on = (ConnectionError,)
+
+    def run(self):
+        attempts = Path(self.out, f"{self.task_id}.attempts")
+        with attempts.open("a") as f:
+            f.write(f"{time.time()}\n")
+        tried = len(attempts.read_text().split())
+        if tried <= self.fail_times:
+            raise ConnectionError(f"flaky, attempt {tried}")
+        self.write(f"attempt {tried}")
+
+    def on_failure(self, exception):
+        Path(self.out, "on_failure_calls").open("a").write("1\n")
+        return super().on_failure(exception)
+
+
+class FailsOtherwise(Flaky):
+    """A ValueError is not in retry_on: it must fail at once."""
+
+    def run(self):
+        Path(self.out, f"{self.task_id}.attempts").open("a").write(f"{time.time()}\n")
+        raise ValueError("not retryable")

@@ -126,3 +126,35 @@ def test_the_twin_uses_its_own_clock_not_the_callers():
     assert limiter.acquire("k", rate) == pytest.approx(1.0)
     now[0] += 1.0
     assert limiter.acquire("k", rate) == 0
+
+
+def test_reservations_hand_out_consecutive_slots(limiter, key):
+    rate = Rate.parse("10/s")
+    waits = [limiter.acquire(key, rate, reserve=True) for _ in range(4)]
+    # Then the first starts now and each next one a further interval later
+    assert waits[0] == 0
+    for earlier, later in zip(waits, waits[1:], strict=False):
+        assert later - earlier == pytest.approx(0.1, abs=0.01)
+    # and a plain request sees the budget taken up to the last slot
+    assert limiter.acquire(key, rate) == pytest.approx(waits[-1] + 0.1, abs=0.02)
+
+
+def test_a_worker_starts_a_task_on_its_slot_and_gives_a_late_one_a_new_slot():
+    from luigi_celery.execute import _rate_gate
+
+    now = [100.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    rate = Rate.parse("10/s")  # slots 0.1 s apart; a start may come 0.09 s after its slot
+    wait, slot = limiter.reserve("k", rate)
+    assert (wait, slot) == (0.0, 100.0)
+    # on time (a little after its slot, as delivery takes): it starts
+    now[0] = 100.05
+    assert _rate_gate(limiter, "k", rate, slot) == (0.0, 100.0)
+    # too late (a busy pool held it): it takes the next free slot instead of crowding others
+    now[0] = 100.5
+    wait, again = _rate_gate(limiter, "k", rate, slot)
+    assert again == pytest.approx(100.5) and wait == 0
+    wait, later = _rate_gate(limiter, "k", rate, slot)
+    assert later == pytest.approx(100.6) and wait == pytest.approx(0.1)
+    # and a task with no slot reserves one
+    assert _rate_gate(limiter, "k", rate, None)[1] == pytest.approx(100.7)
