@@ -63,8 +63,12 @@ class ResultQueue:
     The watcher thread puts Luigi's result tuples here, and also callables
     (status updates, events) that must run in Luigi's main thread: ``get()``
     runs those as it meets them, so the scheduler is only ever called from
-    the thread Luigi calls it from.
+    the thread Luigi calls it from.  :meth:`wake` makes a waiting ``get()``
+    give up at once, as if it had timed out, so Luigi's loop looks again at
+    how many tasks it may send.
     """
+
+    _WAKE = object()
 
     def __init__(self) -> None:
         self._items: queue.Queue[Any] = queue.Queue()
@@ -75,11 +79,16 @@ class ResultQueue:
     def call_soon(self, fn: Callable[[], Any]) -> None:
         self._items.put(fn)
 
+    def wake(self) -> None:
+        self._items.put(self._WAKE)
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             item = self._items.get(block=block, timeout=remaining)
+            if item is self._WAKE:
+                raise queue.Empty  # Luigi's worker treats it as a timeout and returns to its loop
             if not callable(item):
                 return item
             try:
@@ -154,7 +163,16 @@ class CeleryTaskProcess:
 
 
 class CeleryWorker(luigi.worker.Worker):
-    """A Luigi worker that dispatches every task it is given to Celery."""
+    """A Luigi worker that dispatches every task it is given to Celery.
+
+    ``--workers N`` keeps N tasks in flight, not counting tasks that wait on
+    purpose (for their rate-limit slot, or a retry's backoff): those must not
+    keep unrelated tasks from being sent.  Luigi's loop reads
+    ``worker_processes`` each time it decides whether to ask for more work,
+    so that attribute is N plus the tasks waiting right now.
+    """
+
+    slots: int  # N: Luigi's --workers
 
     def __init__(
         self,
@@ -167,15 +185,24 @@ class CeleryWorker(luigi.worker.Worker):
         on_start: Callable[[set[str]], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._sender = sender  # before Luigi's __init__, which sets worker_processes
         super().__init__(scheduler, worker_id, worker_processes, assistant, **kwargs)
         self._task_result_queue.close()  # the multiprocessing queue Luigi made: not needed
         self._task_result_queue = ResultQueue()
-        self._sender = sender
+        sender.wake = self._task_result_queue.wake
         self._on_start = on_start
         sender.check_unfulfilled_deps = self._config.check_unfulfilled_deps
         sender.check_complete_on_run = self._config.check_complete_on_run
         # task id -> the last failed result, for the CLI to print after the summary
         self.failures: dict[str, m.ResultMessage] = {}
+
+    @property
+    def worker_processes(self) -> int:
+        return self.slots + self._sender.waiting()
+
+    @worker_processes.setter
+    def worker_processes(self, n: int) -> None:
+        self.slots = int(n)  # set by Luigi's __init__, and by its set_worker_processes message
 
     def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess:
         reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)

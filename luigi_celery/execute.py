@@ -347,7 +347,8 @@ def _rate_gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tu
 
 
 def _hold(publish: Publish, msg: m.TaskMessage, seconds: float) -> None:
-    """Tell the dispatcher this task waits on purpose (a retry, a rate limit), so it is not lost."""
+    """Tell the dispatcher this task waits ``seconds`` on purpose (a retry, a rate limit):
+    it is not lost, and it does not count against the run's ``--workers`` meanwhile."""
     RemoteStatusReporter(publish, msg).send("retry_in", seconds)
 
 
@@ -395,8 +396,7 @@ def register_execute(
             if wait > 0:
                 # Its slot is later: back to the broker with that countdown, holding the slot.
                 # The worker keeps it in memory, not in a pool process, and other tasks go on.
-                if msg.failures:
-                    _hold(publish, msg, wait + lock_ttl)
+                _hold(publish, msg, wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot)
                 raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
@@ -420,7 +420,7 @@ def register_execute(
         text = f"retry {failures}/{options.retry.max_retries} in {delay:.1f} s: {retry_error!r}"
         logger.warning("%s: %s", msg.task_id, text)
         RemoteStatusReporter(publish, msg).update_status_message(text)
-        _hold(publish, msg, delay + lock_ttl)
+        _hold(publish, msg, delay)
         again = dataclasses.replace(msg, failures=failures, rate_slot=None)
         raise self.retry(countdown=delay, max_retries=None, kwargs={"message": again.to_dict()})
 

@@ -95,7 +95,7 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
         assert settings.embedded_dir is not None and factory.worker is not None
         # Dynamic dependencies may come from sibling modules: allow their packages too.
         allowed = modules | {module.split(".")[0] for module in modules}
-        pool = EmbeddedWorker(settings.embedded_dir, factory.worker.worker_processes, allowed, settings.queue)
+        pool = EmbeddedWorker(settings.embedded_dir, factory.worker.slots, allowed, settings.queue)
         pool.start()
         embedded.append(pool)
         sender.add_health_check(pool.problem)

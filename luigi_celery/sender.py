@@ -21,9 +21,17 @@ import luigi
 from celery import Celery
 
 from luigi_celery import message as m
-from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, MessageError, RunAlreadyActive
+from luigi_celery.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DispatchRefused,
+    LuigiCeleryError,
+    MessageError,
+    RunAlreadyActive,
+)
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
+from luigi_celery.pacing import Pacer, Waits
 from luigi_celery.ratelimit import Limiter, MemoryLimiter
 from luigi_celery.results import PUBLISH_RETRY_POLICY, ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
@@ -84,6 +92,13 @@ class Sender:
         self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
         # replies that came for adoptable ids before Luigi asked for their task
         self._early: dict[str, m.ResultMessage] = {}
+        # Tasks waiting on purpose (a rate slot, a retry) by Luigi task id, and the thread
+        # that publishes rate-limited tasks when their slot is due.
+        self._waits = Waits()
+        self._pacer = Pacer(self._send_when_due)
+        # Called (from the watcher thread) when a task starts waiting: the dispatcher's
+        # loop may then send another task. The Luigi worker sets it.
+        self.wake: Callable[[], None] = lambda: None
         # Luigi task ids revoked when the run was interrupted, and their Celery ids.
         self.revoked: list[str] = []
         self._to_revoke: list[str] = []
@@ -115,6 +130,7 @@ class Sender:
             raise BrokerUnavailable(f"cannot reach the broker at {redact(self.app.conf.broker_url)}: {e}") from e
         if self.store is not None:
             self._claim_run()
+        self._pacer.start()
         self._watcher.start()
         if not self._watcher.ready.wait(self.settings.connect_timeout):
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
@@ -142,6 +158,7 @@ class Sender:
         # daemons and stop by themselves.
         self._watcher.stop()
         self._monitor.stop()
+        self._pacer.stop()
         self._revoke_marked()
         if self.store is not None:
             try:
@@ -201,7 +218,11 @@ class Sender:
         # travels with the task (a worker it reaches late takes a new one); without one
         # (embedded, RabbitMQ alone) this dispatcher paces alone - embedded, every task in
         # flight has a pool process, so publishing is starting.
-        wait, slot = self._limiter.reserve(options.rate_key, options.rate)
+        try:
+            wait, slot = self._limiter.reserve(options.rate_key, options.rate)
+        except LuigiCeleryError as e:
+            self._fail(flight, f"could not reserve a rate-limit slot for {task.task_id}: {e}")
+            return
         if self.store is not None:
             tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
         self._publish(tracked, delay=wait)
@@ -251,14 +272,16 @@ class Sender:
             # Registered before publishing: a fast worker can reply before publish() returns.
             self._in_flight[celery_id] = tracked
         if delay > 0:
-            tracked.waiting_since = time.monotonic() + delay
-            timer = threading.Timer(delay, self._send_when_due, (tracked, celery_id))
-            timer.daemon = True
-            timer.start()
+            due = time.monotonic() + delay
+            tracked.waiting_since = due
+            with self._lock:
+                self._waits.set(task_id, due)
+            self._pacer.at(due, (tracked, celery_id))
             return
         self._send(tracked, celery_id)
 
-    def _send_when_due(self, tracked: Tracked, celery_id: str) -> None:
+    def _send_when_due(self, item: tuple[Tracked, str]) -> None:
+        tracked, celery_id = item
         with self._lock:
             wanted = self._in_flight.get(celery_id) is tracked  # not revoked or failed meanwhile
         if wanted:
@@ -309,6 +332,11 @@ class Sender:
     def in_flight(self) -> int:
         return len(self.snapshot())
 
+    def waiting(self) -> int:
+        """How many tasks in flight wait on purpose right now (a rate slot, a retry's backoff)."""
+        with self._lock:
+            return self._waits.count(time.monotonic())
+
     def fail_all(self, reason: str) -> None:
         """Fail every task in flight (and every later send) with ``reason``."""
         self._broken = reason
@@ -327,13 +355,17 @@ class Sender:
             tracked = self._in_flight.get(reply.celery_id)
             if tracked is not None and isinstance(reply, m.ResultMessage):
                 self._forget(tracked)
+            elif tracked is not None and isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
+                self._waits.set(tracked.msg.task_id, time.monotonic() + float(reply.value))
             elif tracked is None and isinstance(reply, m.ResultMessage) and self._adoptable_id(reply.celery_id):
                 self._early[reply.celery_id] = reply  # an earlier dispatcher's work, not asked for yet
                 return
         if tracked is None:
             logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
         elif isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
-            tracked.hold_until = time.monotonic() + float(reply.value)
+            # Not lost while it waits, nor until its worker had a heartbeat's time to take it up.
+            tracked.hold_until = time.monotonic() + float(reply.value) + self.settings.lock_ttl
+            self.wake()
         elif isinstance(reply, m.ResultMessage):
             tracked.flight.on_result(reply)
         else:
@@ -353,6 +385,7 @@ class Sender:
         """Drop every attempt of ``tracked``; the caller holds the lock."""
         for cid in tracked.celery_ids:
             self._in_flight.pop(cid, None)
+        self._waits.drop(tracked.msg.task_id)
 
     def _fail_tracked(self, tracked: Tracked, expl: str) -> None:
         with self._lock:

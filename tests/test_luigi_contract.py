@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import queue
 import textwrap
 import threading
+import time
 
 import luigi
 import luigi.interface
@@ -141,6 +143,9 @@ class InstantSender:
     def close(self):
         pass
 
+    def waiting(self):
+        return 0
+
 
 class RecordingProcess(CeleryTaskProcess):
     reads: set[str] = set()
@@ -188,3 +193,58 @@ def test_luigi_calls_our_hook_for_every_task_and_reads_only_the_contract(recordi
     # and Luigi read nothing from our process objects outside the contract
     assert RecordingProcess.reads <= CONTRACT, RecordingProcess.reads - CONTRACT
     assert {"run", "is_alive", "use_multiprocessing"} <= RecordingProcess.reads
+
+
+class HoldingSender(InstantSender):
+    """The first task sent waits on purpose (as for a rate slot) until every other one was sent,
+    or until ``patience`` runs out."""
+
+    def __init__(self, total: int, patience: float = 5.0):
+        super().__init__()
+        self.total, self.patience = total, patience
+        self.held = None
+        self.released_because = None
+
+    def waiting(self):
+        return 1 if self.held is not None else 0
+
+    def send(self, flight):
+        if self.held is None and not self.sent:
+            self.sent.append(flight.task.task_id)
+            self.held = flight
+            threading.Timer(self.patience, self._release, ("patience ran out",)).start()
+            return
+        super().send(flight)
+        if len(self.sent) == self.total:
+            self._release("all were sent")
+
+    def _release(self, why):
+        held, self.held = self.held, None
+        if held is not None:
+            self.released_because = why
+            InstantSender.send(self, held)
+            self.sent.pop()  # counted once, when it was held
+
+
+def test_a_task_that_waits_on_purpose_does_not_take_one_of_luigis_slots():
+    # Given one slot (--workers 1) and a first task that waits for its rate slot
+    sender = HoldingSender(total=3)
+    factory = CeleryWorkerSchedulerFactory(sender)
+    ContractLeaf.done.clear()
+    # When Luigi runs three tasks
+    result = luigi.build([ContractRoot()], worker_scheduler_factory=factory, local_scheduler=True, workers=1)
+    # Then it sent the other two while the first one waited (Luigi re-reads worker_processes)
+    assert sender.released_because == "all were sent"
+    assert result is True
+
+
+def test_wake_makes_a_waiting_get_give_up_at_once():
+    results = ResultQueue()
+    threading.Timer(0.1, results.wake).start()
+    began = time.monotonic()
+    with pytest.raises(queue.Empty):
+        results.get(timeout=10)
+    assert time.monotonic() - began < 5
+    # and results queued after it are still handed out
+    results.put(("id", "DONE", "", [], []))
+    assert results.get(timeout=1)[0] == "id"

@@ -46,8 +46,9 @@ def test_twenty_a_second_across_two_dispatchers_and_three_processes(fresh_pool, 
 
 
 def test_a_shared_key_is_one_budget_and_unlimited_tasks_do_not_wait(fresh_pool, tmp_path):
+    # Given few slots in flight (--workers 2): tasks waiting for their rate slot must not take them
     pool = fresh_pool(REDIS_URL, count=1, concurrency=3)
-    result = pool.run("--module", "tests.pipelines", "SharedAndUnlimited", "--out", str(tmp_path), "--workers", "100")
+    result = pool.run("--module", "tests.pipelines", "SharedAndUnlimited", "--out", str(tmp_path), "--workers", "2")
     assert result.returncode == 0, result.stdout[-3000:]
     shared = sorted(start_times(tmp_path, "SharedA") + start_times(tmp_path, "SharedB"))
     free = start_times(tmp_path, "Unlimited")
