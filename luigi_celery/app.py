@@ -15,7 +15,8 @@ from celery import Celery
 
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
 from luigi_celery.execute import register_execute
-from luigi_celery.ratelimit import RedisLimiter
+from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
+from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
 from luigi_celery.store import RedisStore, redis_store_url
 
@@ -38,6 +39,21 @@ def embedded_transport_options(folder: str) -> dict[str, Any]:
     }
 
 
+def store_url(settings: Settings) -> str | None:
+    """The coordination store's URL: none embedded; else ``redis_url``, or the broker if it is Redis."""
+    return None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
+
+
+def make_limiter(settings: Settings) -> Limiter | None:
+    """The rate limiter the dispatcher and its workers share, or None when they share none
+    (RabbitMQ with no Redis store: each dispatcher then paces only its own tasks)."""
+    if settings.embedded:
+        assert settings.embedded_dir is not None
+        return FileLimiter(os.path.join(settings.embedded_dir, "ratelimits"))
+    url = store_url(settings)
+    return RedisLimiter(url) if url else None
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app for ``settings``, with the execute task registered.
 
@@ -48,10 +64,13 @@ def make_app(settings: Settings) -> Celery:
     redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
     if redis_broker:
         transport_options["visibility_timeout"] = settings.visibility_timeout
+    if broker_url and broker_url.startswith("redis://"):
+        transport = REDIS_TRANSPORT  # survives a Redis restart while holding messages
     if settings.embedded:
         if not settings.embedded_dir:
             raise ValueError("the embedded broker needs settings.embedded_dir")
-        broker_url, transport = "filesystem://", EMBEDDED_TRANSPORT
+        # The host is ignored; naming one keeps kombu from warning each time Celery clones the connection.
+        broker_url, transport = "filesystem://localhost/", EMBEDDED_TRANSPORT
         transport_options = embedded_transport_options(settings.embedded_dir)
     transport_options.update(settings.broker_transport_options)
 
@@ -82,13 +101,9 @@ def make_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         include=list(settings.task_modules),
     )
-    store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
+    url = store_url(settings)
     register_execute(
-        app,
-        settings.task_modules,
-        RedisStore(store_url) if store_url else None,
-        settings.lock_ttl,
-        RedisLimiter(store_url) if store_url else None,
+        app, settings.task_modules, RedisStore(url) if url else None, settings.lock_ttl, make_limiter(settings)
     )
     return app
 

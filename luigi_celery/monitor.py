@@ -6,7 +6,9 @@ live run lock:
 
 - a task that started, whose lock then expired (its worker stopped beating)
   and whose reply has not come within ``grace`` is **lost**: it is published
-  again under a new attempt;
+  again under a new attempt.  So is a task a worker said it holds for a
+  countdown (a retry, a rate slot) that has not started once the hold is over:
+  a worker that lost its broker connection meanwhile dropped it;
 - a task that has not started after ``queue_timeout`` seconds is failed with
   a message naming its queue when no worker consumes that queue.  When some
   worker does, the pool may just be busy, or a worker may have died holding
@@ -48,7 +50,8 @@ class Tracked:
     started: bool = False
     lock_gone_since: float | None = None
     celery_ids: list[str] = field(default_factory=list)
-    # The worker said it waits on purpose (a retry, a rate limit) until then.
+    # A worker holds it for a countdown (a retry, a rate slot) and promised to start it
+    # by then (0: no promise).
     hold_until: float = 0.0
 
 
@@ -76,7 +79,7 @@ def judge(
         if now < t.hold_until:
             t.lock_gone_since = None
             continue
-        t.started = t.started or has_started or lock
+        t.started = t.started or has_started or lock or t.hold_until > 0
         if not t.started:
             if queue_timeout is not None and now - t.waiting_since > queue_timeout:
                 verdicts.waited_too_long.append(t)

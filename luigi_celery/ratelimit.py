@@ -18,20 +18,30 @@ no window edge at which twice the rate gets through.
 :class:`RedisLimiter` runs the decision as one Lua script on the Redis
 server's clock, so concurrent workers and skewed client clocks cannot
 exceed the limit.  :class:`MemoryLimiter` is its in-process twin (same
-semantics, monotonic clock).
+semantics, monotonic clock), and :class:`FileLimiter` the embedded mode's:
+there the dispatcher and its worker processes share one machine, so a locked
+file per key and the machine's monotonic clock serve them all.  Both twins
+take their decisions from :func:`gcra`, which the Redis script mirrors.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
+import fcntl
+import hashlib
+import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis
 
+from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.settings import redact
 from luigi_celery.store import KEY_PREFIX, ride_out_outages
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -83,7 +93,38 @@ class Limiter(Protocol):
         """How many seconds ago ``slot`` (from :meth:`reserve`) was, on the limiter's clock."""
 
 
-class MemoryLimiter:
+def gcra(tat: float | None, now: float, rate: Rate, reserve: bool) -> tuple[float | None, float, float]:
+    """One decision for a key whose theoretical arrival time is ``tat`` (None: never used).
+
+    Returns (the new ``tat``, or None when nothing was taken; seconds to wait, 0
+    to start now; the slot taken, or ``now`` when none was).
+    """
+    tat = now if tat is None else max(tat, now)
+    allowed_at = tat - rate.burst * rate.interval
+    if now < allowed_at and not reserve:
+        return None, allowed_at - now, now
+    slot = max(now, allowed_at)
+    return tat + rate.interval, slot - now, slot
+
+
+class _Limiter(abc.ABC):
+    """:class:`Limiter`'s methods, from one decision each implementation makes its own way."""
+
+    @abc.abstractmethod
+    def _decide(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
+        """(seconds to wait, 0 to start now; the slot taken, on the limiter's clock)."""
+
+    @abc.abstractmethod
+    def late_by(self, slot: float) -> float: ...
+
+    def acquire(self, key: str, rate: Rate, reserve: bool = False) -> float:
+        return self._decide(key, rate, reserve)[0]
+
+    def reserve(self, key: str, rate: Rate) -> tuple[float, float]:
+        return self._decide(key, rate, reserve=True)
+
+
+class MemoryLimiter(_Limiter):
     """The in-process twin: the same GCRA, on this process's monotonic clock."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -91,26 +132,43 @@ class MemoryLimiter:
         self._lock = threading.Lock()
         self._now = clock
 
-    def acquire(self, key: str, rate: Rate, reserve: bool = False) -> float:
+    def _decide(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
         with self._lock:
-            now = self._now()
-            tat = max(self._tat.get(key, now), now)
-            allowed_at = tat - rate.burst * rate.interval
-            if now < allowed_at and not reserve:
-                return allowed_at - now
-            self._tat[key] = tat + rate.interval
-            return max(0.0, allowed_at - now)
-
-    def reserve(self, key: str, rate: Rate) -> tuple[float, float]:
-        with self._lock:
-            now = self._now()
-            tat = max(self._tat.get(key, now), now)
-            slot = max(now, tat - rate.burst * rate.interval)
-            self._tat[key] = tat + rate.interval
-            return slot - now, slot
+            tat, wait, slot = gcra(self._tat.get(key), self._now(), rate, reserve)
+            if tat is not None:
+                self._tat[key] = tat
+            return wait, slot
 
     def late_by(self, slot: float) -> float:
         return self._now() - slot
+
+
+class FileLimiter(_Limiter):
+    """The embedded mode's twin: the same GCRA, shared by the processes of one machine.
+
+    Each key's ``tat`` is a small file in ``folder``, read and written under an
+    exclusive ``flock``; the clock is ``time.monotonic()``, which is the same
+    for every process of a Linux machine.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    def _decide(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
+        path = os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest()[:20])
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            text = f.read()
+            tat, wait, slot = gcra(float(text) if text else None, time.monotonic(), rate, reserve)
+            if tat is not None:
+                f.seek(0)
+                f.truncate()
+                f.write(repr(tat))
+            return wait, slot
+
+    def late_by(self, slot: float) -> float:
+        return time.monotonic() - slot
 
 
 # KEYS: the key's theoretical arrival time (ms); ARGV: interval ms, burst tolerance ms,
@@ -139,27 +197,40 @@ def limit_key(key: str) -> str:
     return f"{KEY_PREFIX}rate:{key}"
 
 
-class RedisLimiter:
-    """GCRA in Redis: one atomic script per decision, on the server's clock."""
+class RedisLimiter(_Limiter):
+    """GCRA in Redis: one atomic script per decision, on the server's clock.
+
+    A Redis outage is ridden out (about 30 s); after that, :class:`BrokerUnavailable`.
+    """
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
         self._gcra = self._client.register_script(_GCRA)
         self._now = self._client.register_script(_NOW)
 
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
+
+    def _decide(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
+        with self._reachable():
+            return self._run_script(key, rate, reserve)
+
     @ride_out_outages
-    def _run(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
+    def _run_script(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
         interval_ms = rate.interval * 1000
         args = [repr(interval_ms), repr(rate.burst * interval_ms), "1" if reserve else "0"]
         wait_ms, slot_ms = self._gcra(keys=[limit_key(key)], args=args)
         return float(wait_ms) / 1000, float(slot_ms) / 1000
 
-    def acquire(self, key: str, rate: Rate, reserve: bool = False) -> float:
-        return self._run(key, rate, reserve)[0]
-
-    def reserve(self, key: str, rate: Rate) -> tuple[float, float]:
-        return self._run(key, rate, reserve=True)
+    def late_by(self, slot: float) -> float:
+        with self._reachable():
+            return self._server_now() - slot
 
     @ride_out_outages
-    def late_by(self, slot: float) -> float:
-        return float(self._now()) / 1000 - slot
+    def _server_now(self) -> float:
+        return float(self._now()) / 1000

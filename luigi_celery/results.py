@@ -24,13 +24,30 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from luigi_celery.settings import DEFAULT_OUTAGE_TOLERANCE, redact
+
 logger = logging.getLogger(__name__)
 
 REPLY_QUEUE_PREFIX = "luigi-celery.reply."
 # An abandoned reply queue (its dispatcher died) disappears from RabbitMQ after a day.
 REPLY_QUEUE_EXPIRES = 24 * 3600.0
-# Publishing (a task or a reply) retries about 25 s before giving up: a broker restart, a blip.
-PUBLISH_RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3.0}
+
+
+def publish_retry_policy(tolerance: float) -> dict[str, float]:
+    """kombu's retry policy for publishing through an outage of about ``tolerance`` seconds.
+
+    Waits grow from 0.2 s by 0.5 s a try up to 3 s; the number of tries is
+    what adds up to ``tolerance``.
+    """
+    start, step, most = 0.2, 0.5, 3.0
+    waited, interval, tries = 0.0, start, 0
+    while waited < tolerance:
+        waited, interval, tries = waited + interval, min(interval + step, most), tries + 1
+    return {"max_retries": tries, "interval_start": start, "interval_step": step, "interval_max": most}
+
+
+# A worker publishing a reply retries about 20 s before giving up: a broker restart, a blip.
+PUBLISH_RETRY_POLICY = publish_retry_policy(20.0)
 # How often the watcher wakes up when no reply arrives (to check it should still run).
 WATCH_TICK = 0.2
 RECONNECT_BACKOFF_MAX = 5.0
@@ -73,7 +90,9 @@ class ResultWatcher(threading.Thread):
     ``on_reply`` runs in this thread and must only hand the data over (to a
     queue); ``on_tick`` is called about every ``WATCH_TICK`` seconds, whether
     or not replies arrive.  Connection errors are retried with backoff for as
-    long as the watcher runs: the dispatcher decides when to give up.
+    long as the watcher runs; once the broker has been gone for ``tolerance``
+    seconds, ``on_lost`` is called once with the reason (the dispatcher then
+    fails what is in flight), and the watcher keeps trying.
     """
 
     def __init__(
@@ -82,12 +101,17 @@ class ResultWatcher(threading.Thread):
         queue_name: str,
         on_reply: Callable[[Any], None],
         on_tick: Callable[[], None] = lambda: None,
+        on_lost: Callable[[str], None] = lambda reason: None,
+        tolerance: float = DEFAULT_OUTAGE_TOLERANCE,
     ) -> None:
         super().__init__(name="luigi-celery-results", daemon=True)
         self._app = app
         self._queue = reply_queue(queue_name)
         self._on_reply = on_reply
         self._on_tick = on_tick
+        self._on_lost = on_lost
+        self._tolerance = tolerance
+        self._down_since: float | None = None
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -101,6 +125,13 @@ class ResultWatcher(threading.Thread):
                 self._consume()
                 return
             except Exception as e:  # the broker went away: reconnect, never die silently
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                elif now - self._down_since >= self._tolerance:
+                    self._down_since = float("inf")  # said once per outage
+                    url = redact(self._app.conf.broker_url)
+                    self._on_lost(f"lost the broker at {url} for more than {self._tolerance:g} s: {e}")
                 logger.warning("result watcher lost the broker (%s); reconnecting in %.1f s", e, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
@@ -116,6 +147,7 @@ class ResultWatcher(threading.Thread):
                 on_decode_error=self._on_decode_error,
             ):
                 self.ready.set()
+                self._down_since = None
                 next_tick = time.monotonic() + WATCH_TICK
                 while not self._stopping.is_set():
                     try:

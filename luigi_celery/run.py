@@ -8,7 +8,7 @@ import sys
 
 import luigi.retcodes
 
-from luigi_celery.app import make_app
+from luigi_celery.app import make_app, make_limiter, store_url
 from luigi_celery.dispatch import (
     CeleryWorker,
     CeleryWorkerSchedulerFactory,
@@ -18,10 +18,9 @@ from luigi_celery.dispatch import (
 )
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
 from luigi_celery.errors import RunAlreadyActive
-from luigi_celery.ratelimit import RedisLimiter
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
-from luigi_celery.store import RedisStore, redis_store_url
+from luigi_celery.store import RedisStore
 
 
 class Interrupted(BaseException):
@@ -69,10 +68,15 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     if settings.embedded:
         settings = settings.replace(embedded_dir=make_embedded_dir())
     app = make_app(settings)
-    store_url = None if settings.embedded else redis_store_url(settings.broker_url, settings.redis_url)
-    store = RedisStore(store_url) if store_url else None
-    limiter = RedisLimiter(store_url) if store_url else None
-    sender = Sender(app, settings, run_id=run_id(luigi_argv, settings) if store else None, store=store, limiter=limiter)
+    url = store_url(settings)
+    store = RedisStore(url) if url else None
+    sender = Sender(
+        app,
+        settings,
+        run_id=run_id(luigi_argv, settings) if store else None,
+        store=store,
+        limiter=make_limiter(settings),
+    )
     embedded: list[EmbeddedWorker] = []
 
     def start_sender(worker_count: int) -> None:

@@ -33,11 +33,14 @@ from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
 from luigi_celery.pacing import Pacer, Waits
 from luigi_celery.ratelimit import Limiter, MemoryLimiter
-from luigi_celery.results import PUBLISH_RETRY_POLICY, ResultWatcher, reply_queue, reply_queue_name
+from luigi_celery.results import ResultWatcher, publish_retry_policy, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
 from luigi_celery.store import Store, died_here, owner_here
 
 logger = logging.getLogger(__name__)
+
+# How long closing a run waits for the coordination store.
+STORE_CLOSE_TIMEOUT = 5.0
 
 
 class Flight(Protocol):
@@ -88,8 +91,11 @@ class Sender:
         self._owner = owner_here("dispatcher")
         # task digest -> Celery ids an earlier dispatcher of this run saw started
         self._adoptable: dict[str, list[str]] = {}
-        # reserves rate-limit slots: global with a store, this dispatcher's own without
+        # Reserves rate-limit slots. Shared with the workers, which check a task's slot where it
+        # starts; without one (RabbitMQ with no store) this dispatcher paces its own tasks only.
         self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
+        self._limiter_shared = limiter is not None
+        self._warned_unshared = False
         # replies that came for adoptable ids before Luigi asked for their task
         self._early: dict[str, m.ResultMessage] = {}
         # Tasks waiting on purpose (a rate slot, a retry) by Luigi task id, and the thread
@@ -103,7 +109,10 @@ class Sender:
         self.revoked: list[str] = []
         self._to_revoke: list[str] = []
         self._health_checks: list[Callable[[], str | None]] = []
-        self._watcher = ResultWatcher(app, self.reply_to, self._on_reply, self._tick)
+        self._watcher = ResultWatcher(
+            app, self.reply_to, self._on_reply, self._tick, on_lost=self.fail_all, tolerance=settings.outage_tolerance
+        )
+        self._retry_policy = publish_retry_policy(settings.outage_tolerance)
         self._monitor = Monitor(
             self.run_id,
             store,
@@ -161,17 +170,27 @@ class Sender:
         self._pacer.stop()
         self._revoke_marked()
         if self.store is not None:
-            try:
-                self.store.forget_run(self.run_id)  # the run is over: nothing to adopt
-                self.store.release_run(self.run_id, self._owner)
-            except Exception as e:
-                logger.warning("could not close run %s in the store: %s", self.run_id, e)
+            # Not for long: the store may be what failed the run. Left undone, the claim
+            # expires by itself, and a later run re-checks the tasks it would adopt.
+            closing = threading.Thread(target=self._close_in_store, name="luigi-celery-close", daemon=True)
+            closing.start()
+            closing.join(STORE_CLOSE_TIMEOUT)
+            if closing.is_alive():
+                logger.warning("the coordination store did not answer; run %s was not closed in it", self.run_id)
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
                 reply_queue(self.reply_to)(conn.default_channel).delete()
         except Exception as e:
             logger.debug("could not delete reply queue %s: %s", self.reply_to, e)
+
+    def _close_in_store(self) -> None:
+        assert self.store is not None
+        try:
+            self.store.forget_run(self.run_id)  # the run is over: nothing to adopt
+            self.store.release_run(self.run_id, self._owner)
+        except Exception as e:
+            logger.warning("could not close run %s in the store: %s", self.run_id, e)
 
     def add_health_check(self, check: Callable[[], str | None]) -> None:
         """``check`` returns None while all is well, or why the run cannot go on."""
@@ -214,17 +233,22 @@ class Sender:
             self._publish(tracked)
             return
         # Reserve the start's slot before publishing, and publish when it is due: workers get
-        # rate-limited tasks spread out, not in a burst. With a store the slot is global and
-        # travels with the task (a worker it reaches late takes a new one); without one
-        # (embedded, RabbitMQ alone) this dispatcher paces alone - embedded, every task in
-        # flight has a pool process, so publishing is starting.
+        # rate-limited tasks spread out, not in a burst. The slot travels with the task; a
+        # worker it reaches late (a busy pool, a slow broker) takes a new one.
         try:
             wait, slot = self._limiter.reserve(options.rate_key, options.rate)
         except LuigiCeleryError as e:
             self._fail(flight, f"could not reserve a rate-limit slot for {task.task_id}: {e}")
             return
-        if self.store is not None:
+        if self._limiter_shared:
             tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
+        elif not self._warned_unshared:
+            self._warned_unshared = True
+            logger.warning(
+                "%s has a rate limit, but no coordination store is configured: this dispatcher paces its "
+                "own tasks only, and workers do not check it (set LUIGI_CELERY_REDIS_URL for a global limit)",
+                task.task_family,
+            )
         self._publish(tracked, delay=wait)
 
     def _adopt(self, tracked: Tracked) -> bool:
@@ -259,6 +283,7 @@ class Sender:
             if tracked.msg.celery_id not in self._in_flight:
                 return  # its reply arrived meanwhile
         tracked.started, tracked.lock_gone_since, tracked.waiting_since = False, None, time.monotonic()
+        tracked.hold_until = 0.0
         self._publish(tracked)
 
     def _publish(self, tracked: Tracked, delay: float = 0.0) -> None:
@@ -297,7 +322,7 @@ class Sender:
                 shadow=task_id,
                 ignore_result=self.settings.result_backend is None,
                 retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
+                retry_policy=self._retry_policy,
                 **tracked.publish_options,
             )
         except Exception as e:
@@ -340,8 +365,10 @@ class Sender:
     def fail_all(self, reason: str) -> None:
         """Fail every task in flight (and every later send) with ``reason``."""
         self._broken = reason
-        for tracked in self.snapshot():
-            self._fail_tracked(tracked, reason)
+        in_flight = self.snapshot()
+        logger.error("failing %d task(s) in flight: %s", len(in_flight), reason)
+        for tracked in in_flight:
+            self._fail_tracked(tracked, reason, quiet=True)
 
     # --- replies (watcher thread) --------------------------------------------
 
@@ -387,15 +414,16 @@ class Sender:
             self._in_flight.pop(cid, None)
         self._waits.drop(tracked.msg.task_id)
 
-    def _fail_tracked(self, tracked: Tracked, expl: str) -> None:
+    def _fail_tracked(self, tracked: Tracked, expl: str, quiet: bool = False) -> None:
         with self._lock:
             if tracked.msg.celery_id not in self._in_flight:
                 return  # already answered
             self._forget(tracked)
-        self._fail(tracked.flight, expl)
+        self._fail(tracked.flight, expl, quiet)
 
-    def _fail(self, flight: Flight, expl: str) -> None:
-        logger.error("%s", expl)
+    def _fail(self, flight: Flight, expl: str, quiet: bool = False) -> None:
+        if not quiet:
+            logger.error("%s", expl)
         flight.on_result(
             m.ResultMessage(
                 celery_id="", task_id=flight.task.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()

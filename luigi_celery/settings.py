@@ -33,6 +33,9 @@ EMBEDDED_POLLING_INTERVAL = 0.01
 DEFAULT_LOCK_TTL = 30.0
 # A task no worker has started after this long fails, if no worker consumes its queue.
 DEFAULT_QUEUE_TIMEOUT = 300.0
+# The dispatcher rides out a broker outage this long (reconnecting, retrying to publish)
+# before it fails the tasks in flight with the reason.
+DEFAULT_OUTAGE_TOLERANCE = 60.0
 # Redis hands an unacknowledged message to another worker after this long; it
 # must exceed the longest task (a dead worker's task is recovered through its
 # run lock well before).
@@ -88,6 +91,7 @@ class Settings:
     lock_ttl: float = DEFAULT_LOCK_TTL
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
+    outage_tolerance: float = DEFAULT_OUTAGE_TOLERANCE
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
     embedded_dir: str | None = None
     broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -137,6 +141,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "lock_ttl": _positive_float,
     "queue_timeout": _positive_float,
     "visibility_timeout": _positive_float,
+    "outage_tolerance": _positive_float,
     "embedded_dir": str,
 }
 

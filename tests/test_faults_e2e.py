@@ -269,6 +269,21 @@ def test_a_redis_restart_mid_run_loses_nothing(own_redis, fresh_pool, tmp_path):
     assert set(starts(tmp_path).values()) == {1}, starts(tmp_path)
 
 
+def test_a_broker_gone_for_good_fails_the_run_with_the_reason(own_redis, fresh_pool, tmp_path):
+    # Given a run over a Redis of the test's own, whose dispatcher rides out 3 s of outage
+    pool = fresh_pool(own_redis.url, LUIGI_CELERY_OUTAGE_TOLERANCE="3")
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "6", "--seconds", "4", "--workers", "2")
+    first_start(tmp_path)
+    # When Redis goes away and does not come back
+    own_redis.stop()
+    began = time.monotonic()
+    output, _ = run.communicate(timeout=120)
+    # Then the run ends soon after the tolerance, as failed, saying why
+    assert run.returncode == 30, output[-3000:]
+    assert time.monotonic() - began < 25  # tolerance, then at most 5 s closing in the store that is gone
+    assert f"lost the broker at {own_redis.url} for more than 3 s" in output
+
+
 def test_rabbitmq_closing_every_connection_mid_run_loses_nothing(fresh_pool, tmp_path):
     # Given a run over RabbitMQ, with Redis as the coordination store
     pool = fresh_pool(RABBITMQ_URL, LUIGI_CELERY_REDIS_URL=REDIS_URL)

@@ -35,6 +35,24 @@ def test_a_task_never_started_is_not_lost_but_may_have_waited_too_long():
     assert judge([t], locks=[False], started=[False], now=100, grace=5, queue_timeout=None).waited_too_long == []
 
 
+def test_a_task_a_worker_promised_to_start_is_lost_if_it_has_not_once_the_hold_is_over():
+    # Given a worker that holds a never-started task for a 3 s countdown (its rate slot)
+    t = tracked(waiting_since=0)
+    t.hold_until = 10.0
+    assert judge([t], locks=[False], started=[False], now=9, grace=5, queue_timeout=None).lost == []
+    # When the hold is over and the task neither started nor holds a lock (the worker lost it)
+    assert judge([t], locks=[False], started=[False], now=11, grace=5, queue_timeout=None).lost == []
+    # Then, after the grace, it is lost: published again, not left to the queue timeout
+    assert judge([t], locks=[False], started=[False], now=16, grace=5, queue_timeout=None).lost == [t]
+
+
+def test_a_held_task_that_starts_is_not_lost():
+    t = tracked(waiting_since=0)
+    t.hold_until = 10.0
+    judge([t], locks=[False], started=[False], now=11, grace=5, queue_timeout=None)
+    assert judge([t], locks=[True], started=[True], now=16, grace=5, queue_timeout=None).lost == []
+
+
 def _monitor(consumed, failed, store=None, republished=None):
     return Monitor("r", store, lambda: [], (republished if republished is not None else []).append,
                    lambda t, why: failed.append((t, why)), lambda: consumed, queue_timeout=60)  # fmt: skip

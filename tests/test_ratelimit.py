@@ -10,14 +10,16 @@ from unittest import mock
 
 import pytest
 
-from luigi_celery.ratelimit import MemoryLimiter, Rate, RedisLimiter
+from luigi_celery.ratelimit import FileLimiter, MemoryLimiter, Rate, RedisLimiter, gcra
 from tests.conftest import REDIS_URL
 
 
-@pytest.fixture(params=["memory", "redis"])
-def limiter(request):
+@pytest.fixture(params=["memory", "file", "redis"])
+def limiter(request, tmp_path):
     if request.param == "memory":
         return MemoryLimiter()
+    if request.param == "file":
+        return FileLimiter(str(tmp_path / "limits"))
     request.getfixturevalue("brokers")  # fails, never skips, without Redis
     return RedisLimiter(REDIS_URL)
 
@@ -97,25 +99,36 @@ def test_sixteen_threads_never_exceed_the_budget(limiter, key):
     assert len(granted) >= 0.8 * 50 * 2  # and the budget is used, not starved
 
 
-def _process_grants(url: str, key: str, offset: float, out: multiprocessing.Queue) -> None:
+def _process_grants(kind: str, where: str, key: str, offset: float, out: multiprocessing.Queue) -> None:
     # A client whose clock is off by `offset` seconds: the limit must not care.
     real = time.time
     with mock.patch("time.time", lambda: real() + offset):
-        limiter = RedisLimiter(url)
+        limiter = RedisLimiter(where) if kind == "redis" else FileLimiter(where)
         out.put([t - offset for t in _grant_times(limiter, key, Rate.parse("40/s"), 2.0)])
 
 
-def test_four_processes_with_skewed_clocks_never_exceed_the_budget(brokers, key):
+@pytest.mark.parametrize("kind", ["redis", "file"])
+def test_four_processes_with_skewed_clocks_never_exceed_the_budget(brokers, key, kind, tmp_path):
+    # Given four processes whose clocks disagree by up to 10.5 s, sharing 40 starts a second
+    # (the file twin: the embedded dispatcher and its worker processes, on one machine)
+    where = REDIS_URL if kind == "redis" else str(tmp_path / "limits")
     out: multiprocessing.Queue = multiprocessing.Queue()
     offsets = [0.0, 7.5, -3.0, 7.5]
-    processes = [multiprocessing.Process(target=_process_grants, args=(REDIS_URL, key, o, out)) for o in offsets]
+    processes = [multiprocessing.Process(target=_process_grants, args=(kind, where, key, o, out)) for o in offsets]
     for p in processes:
         p.start()
-    granted = [t for _ in processes for t in out.get(timeout=30)]
+    per_process = [out.get(timeout=30) for _ in processes]
     for p in processes:
         p.join()
+    # Then together they never exceed the budget, and use it
+    granted = [t for grants in per_process for t in grants]
     _assert_within_budget(granted, Rate.parse("40/s"), 2.0)
     assert len(granted) >= 0.8 * 40 * 2
+    # and no process is starved for its clock (a limiter on the clients' clocks makes the
+    # one behind wait for the ones ahead)
+    assert min(len(grants) for grants in per_process) >= 0.25 * len(granted) / len(processes), [
+        len(grants) for grants in per_process
+    ]
 
 
 def test_the_twin_uses_its_own_clock_not_the_callers():
@@ -158,3 +171,22 @@ def test_a_worker_starts_a_task_on_its_slot_and_gives_a_late_one_a_new_slot():
     assert later == pytest.approx(100.6) and wait == pytest.approx(0.1)
     # and a task with no slot reserves one
     assert _rate_gate(limiter, "k", rate, None)[1] == pytest.approx(100.7)
+
+
+@pytest.mark.parametrize(
+    ("tat", "now", "reserve", "expected"),
+    [
+        (None, 100.0, False, (100.1, 0.0, 100.0)),  # never used: start now
+        (99.0, 100.0, False, (100.1, 0.0, 100.0)),  # a quiet spell does not bank starts (no burst)
+        (100.3, 100.0, False, (None, pytest.approx(0.3), 100.0)),  # too soon: nothing taken, wait
+        (100.3, 100.0, True, (pytest.approx(100.4), pytest.approx(0.3), 100.3)),  # or reserve the next slot
+    ],
+)
+def test_one_gcra_decision(tat, now, reserve, expected):
+    assert gcra(tat, now, Rate.parse("10/s"), reserve) == expected
+
+
+def test_a_burst_moves_the_allowed_start_earlier():
+    # 10/s with a burst of 2: a key whose tat is 0.2 s ahead still starts now
+    assert gcra(100.2, 100.0, Rate.parse("10/s", burst=2), False)[1] == 0
+    assert gcra(100.3, 100.0, Rate.parse("10/s", burst=2), False)[1] == pytest.approx(0.1)

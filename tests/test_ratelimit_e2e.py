@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, run_cli
+from tests.pipelines import Flaky
+from tests.test_behaviour_e2e import _luigid_api
 from tests.test_faults_e2e import events
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -45,6 +48,25 @@ def test_twenty_a_second_across_two_dispatchers_and_three_processes(fresh_pool, 
     assert span <= 1.25 * ideal
 
 
+def test_the_embedded_default_keeps_the_limit_too(tmp_path):
+    # Given no broker: the dispatcher's own worker processes, which start up while it paces
+    result = run_cli("run", "--module", "tests.pipelines", "LimitedBatch", "--first", "0", "--count", "60",
+                     "--out", str(tmp_path), "--workers", "4")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    # Then starts, not just publishing, keep to 20/s
+    times = start_times(tmp_path, "Limited")
+    assert len(times) == 60
+    assert most_in_one_second(times) <= 21
+    assert times[-1] - times[0] <= 1.25 * 59 / 20
+
+
+def test_a_retry_on_the_embedded_default(tmp_path):
+    result = run_cli("run", "--module", "tests.pipelines", "Flaky", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert len(_attempt_times(tmp_path, "Flaky")) == 3
+    assert "1 ran successfully" in result.stdout and "No hostname" not in result.stdout
+
+
 def test_a_shared_key_is_one_budget_and_unlimited_tasks_do_not_wait(fresh_pool, tmp_path):
     # Given few slots in flight (--workers 2): tasks waiting for their rate slot must not take them
     pool = fresh_pool(REDIS_URL, count=1, concurrency=3)
@@ -65,8 +87,9 @@ def _attempt_times(out: Path, family: str) -> list[float]:
     return [float(t) for t in path.read_text().split()]
 
 
-def test_a_retryable_failure_is_retried_with_backoff_then_succeeds(redis_pool, tmp_path):
-    result = redis_pool.run("--module", "tests.pipelines", "Flaky", "--out", str(tmp_path))
+def test_a_retryable_failure_is_retried_with_backoff_then_succeeds(redis_pool, luigid, tmp_path):
+    # Given a task that fails twice with a retryable error, scheduled by a central luigid
+    result = redis_pool.run("--module", "tests.pipelines", "Flaky", "--out", str(tmp_path), "--scheduler-url", luigid)
     assert result.returncode == 0, result.stdout[-3000:]
     attempts = _attempt_times(tmp_path, "Flaky")
     assert len(attempts) == 3
@@ -77,6 +100,9 @@ def test_a_retryable_failure_is_retried_with_backoff_then_succeeds(redis_pool, t
     assert not (tmp_path / "on_failure_calls").exists()
     assert "1 ran successfully" in result.stdout
     assert "retry 1/3 in" in redis_pool.logs() and "retry 2/3 in" in redis_pool.logs()
+    # and the scheduler showed the retries as the task's status message (the last one stays)
+    message = _luigid_api(luigid, "get_task_status_message", task_id=Flaky(out=str(tmp_path)).task_id)["statusMessage"]
+    assert re.fullmatch(r"retry 2/3 in \d+\.\d s: ConnectionError\('flaky, attempt 2'\)", message), message
 
 
 def test_an_error_not_in_retry_on_fails_at_once(redis_pool, tmp_path):

@@ -1,0 +1,130 @@
+"""The dispatcher's sender without a broker: pacing, waiting tasks, and what it does when
+the broker or the coordination store is away."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import luigi
+import pytest
+
+from luigi_celery import message as m
+from luigi_celery.app import make_app
+from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.ratelimit import MemoryLimiter, Rate
+from luigi_celery.results import ResultWatcher, publish_retry_policy
+from luigi_celery.sender import Sender
+from luigi_celery.settings import Settings
+from tests.pipelines import Limited, Unlimited
+
+# Nothing listens on port 1: the app can be made, any connection is refused.
+UNREACHABLE = "redis://:s3cret@127.0.0.1:1/0"
+
+
+class Flight:
+    def __init__(self, task: luigi.Task) -> None:
+        self.task = task
+        self.worker_timeout = None
+        self.results: list[m.ResultMessage] = []
+
+    def on_result(self, result: m.ResultMessage) -> None:
+        self.results.append(result)
+
+    def on_status(self, status: m.StatusMessage) -> None:
+        pass
+
+
+class Unreachable:
+    """A limiter whose store is away."""
+
+    def reserve(self, key: str, rate: Rate) -> tuple[float, float]:
+        raise BrokerUnavailable("cannot reach the coordination store at redis://:****@store:6379/0: refused")
+
+
+@pytest.fixture
+def sender() -> Sender:
+    """A sender whose publishing is recorded instead of sent."""
+    settings = Settings(broker_url=UNREACHABLE)
+    made = Sender(make_app(settings), settings, limiter=MemoryLimiter())
+    made.published = []  # type: ignore[attr-defined]
+    made._send = lambda tracked, celery_id: made.published.append(celery_id)  # type: ignore[method-assign]
+    return made
+
+
+def _status(flight: Flight, sender: Sender, field: str, value: object) -> None:
+    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+    update = m.StatusMessage(celery_id=celery_id, task_id=flight.task.task_id, field=field, value=value)
+    sender._on_reply(update.to_dict())
+
+
+def test_a_slot_that_cannot_be_reserved_fails_the_task_with_the_reason(sender: Sender) -> None:
+    sender._limiter = Unreachable()  # type: ignore[assignment]
+    flight = Flight(Limited(out="/tmp", n=1))
+    sender.send(flight)
+    (result,) = flight.results
+    assert result.status == m.FAILED
+    assert "could not reserve a rate-limit slot" in result.expl and "s3cret" not in result.expl
+    assert sender.in_flight() == 0
+
+
+def test_tasks_waiting_for_their_slot_or_a_retry_are_counted_as_waiting(sender: Sender) -> None:
+    # Given four tasks limited to 20/s sent at once, and one unlimited task
+    limited = [Flight(Limited(out="/tmp", n=n)) for n in range(4)]
+    for flight in limited:
+        sender.send(flight)
+    sender.send(Flight(Unlimited(out="/tmp", n=0)))
+    # Then the first limited one and the unlimited one went out, three wait for their slot
+    assert len(sender.published) == 2  # type: ignore[attr-defined]
+    assert sender.in_flight() == 5 and sender.waiting() == 3
+    # When a worker says the first one waits 30 s for a retry, it waits too, and the loop is woken
+    woken = threading.Event()
+    sender.wake = woken.set
+    _status(limited[0], sender, "retry_in", 30.0)
+    assert sender.waiting() == 4 and woken.is_set()
+    # and once an answer comes for a waiting task, it no longer counts
+    _status(limited[1], sender, "retry_in", 30.0)
+    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is limited[1]]
+    sender._on_reply(m.ResultMessage(celery_id=celery_id, task_id=limited[1].task.task_id, status=m.DONE).to_dict())
+    assert sender.waiting() == 3 and sender.in_flight() == 4
+
+
+def test_a_wait_ends_when_its_time_is_up(sender: Sender) -> None:
+    flight = Flight(Unlimited(out="/tmp", n=0))
+    sender.send(flight)
+    _status(flight, sender, "retry_in", 0.2)
+    assert sender.waiting() == 1
+    time.sleep(0.3)
+    assert sender.waiting() == 0 and sender.in_flight() == 1
+
+
+def test_the_watcher_gives_up_on_a_broker_gone_longer_than_its_tolerance() -> None:
+    # Given a watcher on a broker that does not answer, with a tolerance of half a second
+    app = make_app(Settings(broker_url=UNREACHABLE))
+    lost: list[str] = []
+    said = threading.Event()
+
+    def on_lost(why: str) -> None:
+        lost.append(why)
+        said.set()
+
+    watcher = ResultWatcher(app, "q", lambda body: None, on_lost=on_lost, tolerance=0.5)
+    watcher.start()
+    # Then it says so once, with the broker's address and no password
+    try:
+        assert said.wait(30)
+        time.sleep(1.5)
+    finally:
+        watcher.stop()
+    assert len(lost) == 1
+    assert "lost the broker at redis://:****@127.0.0.1:1/0 for more than 0.5 s" in lost[0]
+
+
+@pytest.mark.parametrize("tolerance", [3.0, 20.0, 60.0])
+def test_publish_retries_last_about_the_tolerance(tolerance: float) -> None:
+    policy = publish_retry_policy(tolerance)
+    waits, interval = [], policy["interval_start"]
+    for _ in range(int(policy["max_retries"])):
+        waits.append(interval)
+        interval = min(interval + policy["interval_step"], policy["interval_max"])
+    assert tolerance <= sum(waits) < tolerance + policy["interval_max"]
