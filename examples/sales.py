@@ -7,7 +7,8 @@
                                sellers it finds at run time (dynamic deps)
 
 Everything is deterministic, so the outputs of ``luigi`` and ``luigi-celery``
-can be compared byte for byte.  Run it with either:
+can be compared byte for byte (stock Luigi ignores luigi-celery's rate limit
+and retry options on GenerateSales).  Run it with either:
 
     luigi-celery run --module examples.sales Report --date 2026-11-01
     PYTHONPATH=. luigi --module examples.sales Report --date 2026-11-01 --local-scheduler --workers 4
@@ -34,9 +35,18 @@ class SalesTask(luigi.Task):
 
 
 class GenerateSales(SalesTask):
-    """One region's raw sales for the day, as CSV (a stand-in for an extract)."""
+    """One region's raw sales for the day, as CSV (a stand-in for an extract from an API)."""
 
     region = luigi.Parameter()
+
+    # luigi-celery: at most 10 extracts start per second, across every worker and dispatcher,
+    # counted together with any family that names the same key ...
+    rate_limit = "10/s"
+    rate_limit_key = "sales-api"
+    # ... and a dropped connection is tried again, up to 3 times, after a backoff with jitter.
+    max_retries = 3
+    retry_backoff = 0.5
+    retry_on = (ConnectionError, TimeoutError)
 
     def output(self):
         return luigi.LocalTarget(self.path("raw", f"{self.region}.csv"))

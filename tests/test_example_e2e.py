@@ -39,6 +39,15 @@ def assert_ran_everything(result: subprocess.CompletedProcess) -> None:
     assert "13 ran successfully" in result.stdout
 
 
+def test_the_readme_quotes_the_example_as_it_is():
+    # The README's rate-limit and retry example is a piece of examples/sales.py, line for line.
+    readme = (ROOT / "README.md").read_text()
+    quoted = readme.split("From [`examples/sales.py`](examples/sales.py):", 1)[1].split("```python\n", 1)[1]
+    quoted = quoted.split("```", 1)[0]
+    assert "rate_limit" in quoted and "max_retries" in quoted
+    assert quoted in (ROOT / "examples" / "sales.py").read_text()
+
+
 def test_example_on_the_embedded_default_matches_stock_luigi(stock_outputs, tmp_path):
     # Given no broker configured
     # When the example runs with luigi-celery
