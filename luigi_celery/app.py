@@ -15,6 +15,7 @@ from celery import Celery
 
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
 from luigi_celery.execute import register_execute
+from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
@@ -54,7 +55,7 @@ def make_limiter(settings: Settings) -> Limiter | None:
     return RedisLimiter(url) if url else None
 
 
-def make_app(settings: Settings) -> Celery:
+def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) -> Celery:
     """A Celery app for ``settings``, with the execute task registered.
 
     For the embedded default, ``settings.embedded_dir`` must name the folder
@@ -103,7 +104,12 @@ def make_app(settings: Settings) -> Celery:
     )
     url = store_url(settings)
     register_execute(
-        app, settings.task_modules, RedisStore(url) if url else None, settings.lock_ttl, make_limiter(settings)
+        app,
+        settings.task_modules,
+        RedisStore(url) if url else None,
+        settings.lock_ttl,
+        make_limiter(settings),
+        worker_metrics,
     )
     return app
 

@@ -8,11 +8,12 @@ task parameter) and hands everything else to Luigi's own command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from luigi_celery.errors import LuigiCeleryError
 from luigi_celery.settings import Settings, load_settings, redact
@@ -42,6 +43,25 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (env LUIGI_CELERY_METRICS_PORT)",
+    )
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +105,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--connect-timeout", type=_positive_float, metavar="SECONDS", help="give up reaching the broker after this long"
     )
+    _add_metrics_flag(run)
 
     worker = commands.add_parser(
         "worker",
@@ -96,6 +117,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--include", nargs="+", action="extend", metavar="MODULE", help="modules whose tasks this worker may run"
     )
+    _add_metrics_flag(worker)
 
     flower = commands.add_parser(
         "flower", allow_abbrev=False, add_help=False, help="start Flower (flower options follow)"
@@ -120,6 +142,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "redis_url": args.redis_url,
         "connect_timeout": getattr(args, "connect_timeout", None),
         "queue_timeout": getattr(args, "queue_timeout", None),
+        "metrics_port": getattr(args, "metrics_port", None),
     }
     include = getattr(args, "include", None)
     if include:
@@ -177,20 +200,37 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
+    settings = _settings(args)
+    metrics = None
+    # (an embedded worker inherits the dispatcher's settings: the port is the dispatcher's)
+    if settings.metrics_port and not settings.embedded:
+        from luigi_celery.metrics import WorkerMetrics, prepare_worker_metrics
+
+        prepare_worker_metrics()  # before anything imports prometheus_client
+        metrics = WorkerMetrics()
     from luigi_celery.app import make_app
 
-    settings = _settings(args)
     if settings.embedded and not settings.embedded_dir:
         raise LuigiCeleryError("no broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
     if not settings.task_modules:
         raise LuigiCeleryError("no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    app = make_app(settings)
+    app = make_app(settings, worker_metrics=metrics)
+    port = settings.metrics_port
+    if metrics is not None and port:
+        _serve_or_fail(functools.partial(metrics.serve, port), port)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
     return EXIT_OK
+
+
+def _serve_or_fail(serve: Callable[[], None], port: int) -> None:
+    try:
+        serve()
+    except OSError as e:
+        raise LuigiCeleryError(f"cannot serve metrics on port {port}: {e}") from e
 
 
 def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:

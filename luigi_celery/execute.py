@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from luigi.task_register import TaskClassException
 
 from luigi_celery import message as m
 from luigi_celery.errors import ConfigError, MessageError
+from luigi_celery.metrics import WorkerMetrics, hook, labels
 from luigi_celery.options import task_options
 from luigi_celery.ratelimit import LATENESS_ALLOWED, Limiter, Rate
 from luigi_celery.results import publish_reply
@@ -358,11 +360,13 @@ def register_execute(
     store: Store | None = None,
     lock_ttl: float = DEFAULT_LOCK_TTL,
     limiter: Limiter | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> Task:
     """Add the execute task to ``app``.
 
     ``allowed`` is the module allowlist, ``store`` holds run locks, ``limiter``
-    enforces rate limits where tasks start (None: the dispatcher paces instead).
+    enforces rate limits where tasks start (None: the dispatcher paces instead),
+    ``metrics`` counts what the tasks did (None: nothing is counted).
     """
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
@@ -380,15 +384,26 @@ def register_execute(
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
             # Celery logs the rejection, once, with this reason.
             raise Reject(f"rejected malformed message: {e}", requeue=False) from e
+        where = labels(msg.family, (self.request.delivery_info or {}).get("routing_key"))
+
+        def count(outcome: str, began: float | None = None) -> None:
+            if metrics is not None:
+                with hook("a run"):
+                    metrics.runs.labels(**where, outcome=outcome).inc()
+                    if began is not None:
+                        metrics.duration.labels(**where).observe(time.monotonic() - began)
+
         task = rebuild(msg, allowed)
         if isinstance(task, m.ResultMessage):
             publish(msg.reply_to, task.to_dict())
+            count(m.FAILED)
             return task.to_dict()
         try:
             options = task_options(type(task))
         except ConfigError as e:
             failed = _failed(msg, f"bad options on {msg.family}: {e}")
             publish(msg.reply_to, failed.to_dict())
+            count(m.FAILED)
             return failed.to_dict()
 
         if options.rate is not None and limiter is not None:
@@ -397,11 +412,15 @@ def register_execute(
                 # Its slot is later: back to the broker with that countdown, holding the slot.
                 # The worker keeps it in memory, not in a pool process, and other tasks go on.
                 _hold(publish, msg, wait)
+                if metrics is not None:
+                    with hook("a rate-limit wait"):
+                        metrics.rate_limit_wait.labels(**where).observe(wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot)
                 raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
+                count("duplicate")
                 return {"duplicate": msg.celery_id}
             # A repeat delivery (a later attempt, a redelivered message, an id seen
             # started before) may find its work done: then it answers DONE, not runs.
@@ -409,11 +428,17 @@ def register_execute(
             # complete when dispatched, yet Luigi runs it and fires its events).
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             repeat = lease.seen_before or msg.attempt > 1 or redelivered or msg.failures > 0
+            began = time.monotonic()
             result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=options.retry)
             if retry_error is None:
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
                 publish(msg.reply_to, result.to_dict())
+                count(result.status, began)
                 return result.to_dict()
+        count("retry", began)
+        if metrics is not None:
+            with hook("a retry"):
+                metrics.retries.labels(**where).inc()
         assert options.retry is not None
         failures = msg.failures + 1
         delay = options.retry.delay(failures)

@@ -17,7 +17,8 @@ from luigi_celery.dispatch import (
     run_with_retcodes,
 )
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
-from luigi_celery.errors import RunAlreadyActive
+from luigi_celery.errors import LuigiCeleryError, RunAlreadyActive
+from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store import RedisStore
@@ -70,12 +71,20 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     app = make_app(settings)
     url = store_url(settings)
     store = RedisStore(url) if url else None
+    metrics = None
+    if settings.metrics_port:
+        metrics = DispatcherMetrics()
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as e:
+            raise LuigiCeleryError(f"cannot serve metrics on port {settings.metrics_port}: {e}") from e
     sender = Sender(
         app,
         settings,
         run_id=run_id(luigi_argv, settings) if store else None,
         store=store,
         limiter=make_limiter(settings),
+        metrics=metrics,
     )
     embedded: list[EmbeddedWorker] = []
 

@@ -29,6 +29,7 @@ from luigi_celery.errors import (
     MessageError,
     RunAlreadyActive,
 )
+from luigi_celery.metrics import DispatcherMetrics, hook, labels
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
 from luigi_celery.pacing import Pacer, Waits
@@ -77,6 +78,7 @@ class Sender:
         run_id: str | None = None,
         store: Store | None = None,
         limiter: Limiter | None = None,
+        metrics: DispatcherMetrics | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -126,6 +128,9 @@ class Sender:
         # The dispatcher's Luigi [worker] settings that travel with each task.
         self.check_unfulfilled_deps = True
         self.check_complete_on_run = False
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_in_flight(self.in_flight)
 
     # --- life cycle --------------------------------------------------------
 
@@ -329,6 +334,9 @@ class Sender:
             self._fail_tracked(tracked, f"could not publish {task_id} to {redact(self.app.conf.broker_url)}: {e}")
             return
         logger.debug("sent %s as %s", task_id, celery_id)
+        if self._metrics is not None:
+            with hook("a dispatch"):
+                self._metrics.dispatched.labels(**labels(tracked.msg.family, tracked.queue)).inc()
 
     def revoke(self, flight: Flight) -> None:
         """Mark ``flight`` to be revoked; :meth:`close` revokes all of them in one broadcast."""
@@ -394,6 +402,7 @@ class Sender:
             tracked.hold_until = time.monotonic() + float(reply.value) + self.settings.lock_ttl
             self.wake()
         elif isinstance(reply, m.ResultMessage):
+            self._count_answer(tracked.msg.family, tracked.queue, reply.status)
             tracked.flight.on_result(reply)
         else:
             tracked.flight.on_status(reply)
@@ -419,9 +428,15 @@ class Sender:
             if tracked.msg.celery_id not in self._in_flight:
                 return  # already answered
             self._forget(tracked)
-        self._fail(tracked.flight, expl, quiet)
+        self._fail(tracked.flight, expl, quiet, tracked.queue)
 
-    def _fail(self, flight: Flight, expl: str, quiet: bool = False) -> None:
+    def _count_answer(self, family: str, queue: str, status: str) -> None:
+        if self._metrics is not None:
+            with hook("an answer"):
+                self._metrics.completed.labels(**labels(family, queue), status=status).inc()
+
+    def _fail(self, flight: Flight, expl: str, quiet: bool = False, queue: str | None = None) -> None:
+        self._count_answer(flight.task.task_family, queue or self.settings.queue, m.FAILED)
         if not quiet:
             logger.error("%s", expl)
         flight.on_result(

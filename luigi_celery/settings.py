@@ -92,6 +92,8 @@ class Settings:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     outage_tolerance: float = DEFAULT_OUTAGE_TOLERANCE
+    # Serve Prometheus metrics on this port (`run`: the dispatcher's; `worker`: the worker's).
+    metrics_port: int | None = None
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
     embedded_dir: str | None = None
     broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -125,6 +127,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return number
+
+
 def _queue_name(value: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise ValueError("must be a non-empty name without spaces")
@@ -142,6 +151,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_timeout": _positive_float,
     "visibility_timeout": _positive_float,
     "outage_tolerance": _positive_float,
+    "metrics_port": _port,
     "embedded_dir": str,
 }
 

@@ -93,7 +93,12 @@ class WorkerProcess:
 
 
 def start_worker(
-    broker: str, queue: str, log_dir: Path, concurrency: int = 2, env: dict[str, str] | None = None
+    broker: str,
+    queue: str,
+    log_dir: Path,
+    concurrency: int = 2,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> WorkerProcess:
     name = f"w{uuid.uuid4().hex[:6]}"
     log = log_dir / f"{name}.log"
@@ -117,6 +122,7 @@ def start_worker(
             f"{name}@%h",
             "--without-gossip",
             "--without-mingle",
+            *extra,
         ],  # fmt: skip
         cwd=ROOT,
         env=clean_env(**(env or {})),

@@ -352,3 +352,12 @@ class FailsOtherwise(Flaky):
     def run(self):
         Path(self.out, f"{self.task_id}.attempts").open("a").write(f"{time.time()}\n")
         raise ValueError("not retryable")
+
+
+class MixedOutcomes(luigi.WrapperTask):
+    """Three quick successes, one failure, and a task that succeeds on its third attempt."""
+
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return [Slow(out=self.out, n=n, seconds=0.05) for n in range(3)] + [Fails(out=self.out), Flaky(out=self.out)]

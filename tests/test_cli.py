@@ -37,6 +37,8 @@ def test_bad_flags_are_one_clear_error():
     assert no_modules.stdout.strip() == (
         "luigi-celery worker: error: no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES"
     )
+    bad_port = run_cli("worker", "--metrics-port", "99999", "--include", "examples")
+    assert bad_port.returncode == 2 and "argument --metrics-port: must be a port number" in bad_port.stdout
     extra = run_cli("check", "--bogus")
     assert extra.returncode == 2 and "unrecognized arguments: --bogus" in extra.stdout
 

@@ -12,11 +12,12 @@ import pytest
 from luigi_celery import message as m
 from luigi_celery.app import make_app
 from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.ratelimit import MemoryLimiter, Rate
 from luigi_celery.results import ResultWatcher, publish_retry_policy
 from luigi_celery.sender import Sender
 from luigi_celery.settings import Settings
-from tests.pipelines import Limited, Unlimited
+from tests.pipelines import Limited, NeedsLocal, Unlimited
 
 # Nothing listens on port 1: the app can be made, any connection is refused.
 UNREACHABLE = "redis://:s3cret@127.0.0.1:1/0"
@@ -44,12 +45,17 @@ class Unreachable:
 
 @pytest.fixture
 def sender() -> Sender:
-    """A sender whose publishing is recorded instead of sent."""
+    """A sender whose publishing is recorded instead of sent, counting into metrics of its own."""
     settings = Settings(broker_url=UNREACHABLE)
-    made = Sender(make_app(settings), settings, limiter=MemoryLimiter())
+    made = Sender(make_app(settings), settings, limiter=MemoryLimiter(), metrics=DispatcherMetrics())
     made.published = []  # type: ignore[attr-defined]
-    made._send = lambda tracked, celery_id: made.published.append(celery_id)  # type: ignore[method-assign]
+    made.app.send_task = lambda name, **kw: made.published.append(kw["task_id"])  # type: ignore[method-assign]
     return made
+
+
+def _metric(sender: Sender, name: str, **labels: str) -> float:
+    value = sender._metrics.registry.get_sample_value(name, labels)  # type: ignore[union-attr]
+    return value or 0.0
 
 
 def _status(flight: Flight, sender: Sender, field: str, value: object) -> None:
@@ -128,3 +134,25 @@ def test_publish_retries_last_about_the_tolerance(tolerance: float) -> None:
         waits.append(interval)
         interval = min(interval + policy["interval_step"], policy["interval_max"])
     assert tolerance <= sum(waits) < tolerance + policy["interval_max"]
+
+
+def test_the_dispatcher_counts_what_it_sends_and_every_answer(sender: Sender) -> None:
+    # Given three tasks sent (one refused: a class a worker could not import)
+    flights = [Flight(Unlimited(out="/tmp", n=n)) for n in range(2)]
+    for flight in flights:
+        sender.send(flight)
+    refused = Flight(NeedsLocal(out="/tmp").requires())
+    sender.send(refused)
+    queue = sender.settings.queue
+    assert _metric(sender, "luigi_celery_dispatched_total", family="Unlimited", queue=queue) == 2
+    assert _metric(sender, "luigi_celery_in_flight") == 2
+    # When one answer is DONE and one FAILED
+    for flight, status in zip(flights, (m.DONE, m.FAILED), strict=True):
+        (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+        sender._on_reply(m.ResultMessage(celery_id=celery_id, task_id=flight.task.task_id, status=status).to_dict())
+    # Then each is counted once by status, the refusal as a failure, and nothing is in flight
+    assert _metric(sender, "luigi_celery_completed_total", family="Unlimited", queue=queue, status="DONE") == 1
+    assert _metric(sender, "luigi_celery_completed_total", family="Unlimited", queue=queue, status="FAILED") == 1
+    refused_family = refused.task.task_family
+    assert _metric(sender, "luigi_celery_completed_total", family=refused_family, queue=queue, status="FAILED") == 1
+    assert _metric(sender, "luigi_celery_in_flight") == 0

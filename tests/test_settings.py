@@ -227,6 +227,9 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("connect_timeout", "-1"),
         ("queue", "two words"),
         ("queue", "tab\there"),
+        ("metrics_port", "70000"),
+        ("metrics_port", "http"),
+        ("outage_tolerance", "0"),
     ],
 )
 def test_an_invalid_environment_variable_is_refused_by_name(no_luigi_config: None, name: str, text: str) -> None:

@@ -1,0 +1,120 @@
+"""Prometheus metrics, named ``luigi_celery_*``, for the dispatcher and for workers.
+
+Labels are the task family, the queue and a status or outcome, never task
+parameters (their number has no bound).
+
+The dispatcher counts what it sends and what comes back, and serves its own
+registry.  A worker counts where tasks run: in the pool processes, so under
+Celery's prefork pool the numbers live in prometheus_client's multiprocess
+files (``PROMETHEUS_MULTIPROC_DIR``), one per process, and the worker's main
+process serves their sum.  A replaced child's file stays, so nothing it
+counted is lost, and nothing is counted twice.  prometheus_client chooses
+that mode when it is first imported, so :func:`prepare_worker_metrics` must
+run before anything imports it (the CLI calls it first thing).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds: from no-op tasks to hour-long ones.
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+def prepare_worker_metrics() -> str:
+    """Give this worker (and its pool processes) a folder for multiprocess metrics.
+
+    A folder of our own goes when the worker exits (pool processes leave with
+    ``os._exit``, so only the main process removes it)."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="luigi-celery-metrics-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ[MULTIPROC_ENV] = folder
+    return folder
+
+
+@contextmanager
+def hook(what: str) -> Iterator[None]:
+    """A metric that fails to record is logged; it never breaks a task or a run."""
+    try:
+        yield
+    except Exception:
+        logger.exception("could not record %s", what)
+
+
+class DispatcherMetrics:
+    """What ``luigi-celery run`` sends and hears back."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.dispatched = Counter(
+            "luigi_celery_dispatched", "Task messages published (each attempt)", ["family", "queue"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.completed = Counter(
+            "luigi_celery_completed", "Results the dispatcher received, by Luigi status (DONE, FAILED, PENDING)",
+            ["family", "queue", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.in_flight = Gauge("luigi_celery_in_flight", "Tasks sent and not yet answered", registry=self.registry)
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        self.in_flight.set_function(count)
+
+    def serve(self, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+
+class WorkerMetrics:
+    """What the tasks of a worker did; recorded in its pool processes."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        # Values go to the multiprocess files; this registry is never served.
+        registry = CollectorRegistry()
+        labels = ["family", "queue"]
+        self.runs = Counter(
+            "luigi_celery_runs", "Attempts finished on workers, by outcome (DONE, FAILED, PENDING, retry, duplicate)",
+            [*labels, "outcome"], registry=registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "luigi_celery_retries", "Retries scheduled after a retryable error", labels, registry=registry
+        )
+        self.duration = Histogram(
+            "luigi_celery_task_duration_seconds", "Time an attempt took on its worker", labels,
+            buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.rate_limit_wait = Histogram(
+            "luigi_celery_rate_limit_wait_seconds",
+            "Countdowns tasks were sent back with, to wait for their rate-limit slot",
+            labels, buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    @staticmethod
+    def serve(port: int) -> None:
+        """Serve the sum over every process of this worker (call in the main process)."""
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        start_http_server(port, addr="0.0.0.0", registry=registry)
+
+
+def labels(family: str, queue: str | None) -> dict[str, Any]:
+    return {"family": family, "queue": queue or ""}

@@ -1,0 +1,97 @@
+"""Prometheus metrics: exact counts from the dispatcher, and from a prefork worker whose
+pool processes are replaced after every task."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on ``/metrics`` at ``port``: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name`` over every sample whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replaced(fresh_pool, tmp_path):
+    # Given a worker whose two pool processes are each replaced after one task, serving metrics
+    port = free_port()
+    pool = fresh_pool(REDIS_URL, count=0)
+    worker = start_worker(
+        REDIS_URL, pool.queue, tmp_path, extra=("--metrics-port", str(port), "--max-tasks-per-child", "1")
+    )
+    pool.workers.append(worker)
+    # When a run makes three successes, one failure, and one success after two retries
+    result = pool.run("--module", "tests.pipelines", "MixedOutcomes", "--out", str(tmp_path), "--workers", "4")
+    assert result.returncode == 30, result.stdout[-3000:]
+    # Then the worker's numbers are exactly those, summed over every process it ever had
+    samples = scrape(port)
+    assert total(samples, "luigi_celery_runs_total", outcome="DONE") == 4
+    assert total(samples, "luigi_celery_runs_total", outcome="FAILED") == 1
+    assert total(samples, "luigi_celery_runs_total", outcome="retry") == 2
+    assert total(samples, "luigi_celery_retries_total", family="Flaky") == 2
+    assert total(samples, "luigi_celery_task_duration_seconds_count") == 7
+    assert total(samples, "luigi_celery_runs_total", family="Slow", queue=pool.queue) == 3
+    # (and the processes were replaced: the tasks ran in more than the two processes a pool starts with)
+    assert len(set(re.findall(r"\[pid (\d+)\] Worker", worker.output()))) > 2
+
+
+def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
+    port = free_port()
+    run = subprocess.Popen(
+        redis_pool.command("--module", "tests.pipelines", "ManySlow", "--count", "2", "--seconds", "3",
+                           "--out", str(tmp_path), "--workers", "2", "--metrics-port", str(port)),
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, samples = time.time() + 30, {}
+        while time.time() < deadline:
+            try:
+                samples = scrape(port)
+            except OSError:
+                samples = {}
+            if total(samples, "luigi_celery_dispatched_total", family="Slow") == 2:
+                break
+            time.sleep(0.1)
+        assert total(samples, "luigi_celery_dispatched_total", family="Slow", queue=redis_pool.queue) == 2
+        assert total(samples, "luigi_celery_in_flight") == 2
+    finally:
+        output, _ = run.communicate(timeout=60)
+    assert run.returncode == 0, output[-3000:]
+
+
+def test_a_metrics_port_in_use_is_one_clear_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("run", "--metrics-port", str(port), "--module", "tests.pipelines", "Succeeds",
+                         "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    assert f"luigi-celery run: error: cannot serve metrics on port {port}" in result.stdout
+
+
+def test_an_embedded_run_serves_the_dispatchers_metrics_and_its_pool_leaves_the_port_alone(tmp_path):
+    # Given the metrics port in the environment, which the embedded worker child inherits
+    env = clean_env(LUIGI_CELERY_METRICS_PORT=str(free_port()))
+    result = run_cli("run", "--module", "tests.pipelines", "Succeeds", "--out", str(tmp_path), env=env)
+    # Then the run works: only the dispatcher took the port
+    assert result.returncode == 0, result.stdout[-3000:]
