@@ -219,11 +219,25 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
     app = make_app(settings, worker_metrics=metrics)
     port = settings.metrics_port
     if metrics is not None and port:
-        _serve_or_fail(functools.partial(metrics.serve, port), port)
+        from luigi_celery.queues import QueueDepthCollector
+
+        consumed = _consumed_queues(celery_argv) or [settings.queue]
+        _serve_or_fail(functools.partial(metrics.serve, port, QueueDepthCollector(app, lambda: consumed)), port)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
     return EXIT_OK
+
+
+def _consumed_queues(celery_argv: Sequence[str]) -> list[str]:
+    """The queues a ``celery worker`` command line names with -Q / --queues (comma-separated)."""
+    found: list[str] = []
+    for flag, value in zip(celery_argv, [*celery_argv[1:], ""], strict=True):
+        if flag in ("-Q", "--queues"):
+            found += value.split(",")
+        elif flag.startswith("--queues="):
+            found += flag.split("=", 1)[1].split(",")
+    return [q for q in found if q]
 
 
 def _serve_or_fail(serve: Callable[[], None], port: int) -> None:

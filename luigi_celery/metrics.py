@@ -73,6 +73,10 @@ class DispatcherMetrics:
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(count)
 
+    def watch_queues(self, collector: Any) -> None:
+        """Add ``luigi_celery_queue_depth`` (a :class:`luigi_celery.queues.QueueDepthCollector`)."""
+        self.registry.register(collector)
+
     def serve(self, port: int) -> None:
         from prometheus_client import start_http_server
 
@@ -106,13 +110,16 @@ class WorkerMetrics:
         )  # fmt: skip
 
     @staticmethod
-    def serve(port: int) -> None:
-        """Serve the sum over every process of this worker (call in the main process)."""
+    def serve(port: int, queue_depth: Any = None) -> None:
+        """Serve the sum over every process of this worker, and the depth of the queues it
+        consumes (call in the main process)."""
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        if queue_depth is not None:
+            registry.register(queue_depth)
         start_http_server(port, addr="0.0.0.0", registry=registry)
 
 

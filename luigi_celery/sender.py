@@ -33,6 +33,7 @@ from luigi_celery.metrics import DispatcherMetrics, hook, labels
 from luigi_celery.monitor import Monitor, Tracked
 from luigi_celery.options import task_options
 from luigi_celery.pacing import Pacer, Waits
+from luigi_celery.queues import QueueDepthCollector
 from luigi_celery.ratelimit import Limiter, MemoryLimiter
 from luigi_celery.results import ResultWatcher, publish_retry_policy, reply_queue, reply_queue_name
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
@@ -129,8 +130,11 @@ class Sender:
         self.check_unfulfilled_deps = True
         self.check_complete_on_run = False
         self._metrics = metrics
+        # the queues this run has sent to: their depth is exported with the metrics
+        self.queues_used = {settings.queue}
         if metrics is not None:
             metrics.watch_in_flight(self.in_flight)
+            metrics.watch_queues(QueueDepthCollector(app, lambda: sorted(self.queues_used)))
 
     # --- life cycle --------------------------------------------------------
 
@@ -232,6 +236,7 @@ class Sender:
             publish_options["soft_time_limit"] = msg.worker_timeout
             publish_options["time_limit"] = msg.worker_timeout + HARD_TIME_LIMIT_GRACE
         tracked = Tracked(flight, msg, publish_options["queue"], publish_options)
+        self.queues_used.add(tracked.queue)
         if self._adopt(tracked):
             return
         if options.rate is None:

@@ -84,3 +84,11 @@ def test_a_dead_embedded_pool_fails_the_run_instead_of_hanging(tmp_path):
     assert time.time() - killed < 15
     assert process.returncode == 30
     assert "the embedded Celery worker exited" in output
+
+
+def test_the_queues_a_worker_consumes_are_read_from_its_celery_flags():
+    from luigi_celery.cli import _consumed_queues
+
+    assert _consumed_queues(["-Q", "gpu,cpu", "--concurrency", "2"]) == ["gpu", "cpu"]
+    assert _consumed_queues(["--queues=a", "--queues", "b"]) == ["a", "b"]
+    assert _consumed_queues(["--concurrency", "2"]) == []

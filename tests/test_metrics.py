@@ -48,6 +48,8 @@ def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replace
     assert total(samples, "luigi_celery_retries_total", family="Flaky") == 2
     assert total(samples, "luigi_celery_task_duration_seconds_count") == 7
     assert total(samples, "luigi_celery_runs_total", family="Slow", queue=pool.queue) == 3
+    # and the depth of the queue it consumes, empty now
+    assert samples[("luigi_celery_queue_depth", (("queue", pool.queue),))] == 0
     # (and the processes were replaced: the tasks ran in more than the two processes a pool starts with)
     assert len(set(re.findall(r"\[pid (\d+)\] Worker", worker.output()))) > 2
 
@@ -71,6 +73,7 @@ def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
             time.sleep(0.1)
         assert total(samples, "luigi_celery_dispatched_total", family="Slow", queue=redis_pool.queue) == 2
         assert total(samples, "luigi_celery_in_flight") == 2
+        assert ("luigi_celery_queue_depth", (("queue", redis_pool.queue),)) in samples
     finally:
         output, _ = run.communicate(timeout=60)
     assert run.returncode == 0, output[-3000:]
