@@ -393,6 +393,9 @@ def register_execute(
                     if began is not None:
                         metrics.duration.labels(**where).observe(time.monotonic() - began)
 
+        if metrics is not None and msg.sent_at is not None:
+            with hook("a queue wait"):  # wall clocks: a dispatcher ahead of this worker reads as 0
+                metrics.queue_wait.labels(**where).observe(max(0.0, time.time() - msg.sent_at))
         task = rebuild(msg, allowed)
         if isinstance(task, m.ResultMessage):
             publish(msg.reply_to, task.to_dict())
@@ -415,7 +418,7 @@ def register_execute(
                 if metrics is not None:
                     with hook("a rate-limit wait"):
                         metrics.rate_limit_wait.labels(**where).observe(wait)
-                reserved = dataclasses.replace(msg, rate_slot=slot)
+                reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
                 raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
         with run_lock(store, msg, lock_ttl) as lease:
@@ -446,7 +449,7 @@ def register_execute(
         logger.warning("%s: %s", msg.task_id, text)
         RemoteStatusReporter(publish, msg).update_status_message(text)
         _hold(publish, msg, delay)
-        again = dataclasses.replace(msg, failures=failures, rate_slot=None)
+        again = dataclasses.replace(msg, failures=failures, rate_slot=None, sent_at=time.time() + delay)
         raise self.retry(countdown=delay, max_retries=None, kwargs={"message": again.to_dict()})
 
     return execute

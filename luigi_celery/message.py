@@ -119,6 +119,9 @@ class TaskMessage:
     failures: int = 0
     # The rate-limit slot this task holds (on the limiter's clock): start then, not much later.
     rate_slot: float | None = None
+    # When it was published, or when its countdown ends (wall clock, seconds since the
+    # epoch): the worker measures its time in the queue from it.
+    sent_at: float | None = None
 
     kind = "task"
 
@@ -154,6 +157,7 @@ class TaskMessage:
             worker_timeout=worker_timeout,
             failures=failures,
             rate_slot=_require(data, "rate_slot", (int, float), nullable=True),
+            sent_at=_require(data, "sent_at", (int, float), nullable=True),
         )
 
 

@@ -103,6 +103,11 @@ class WorkerMetrics:
             "luigi_celery_task_duration_seconds", "Time an attempt took on its worker", labels,
             buckets=DURATION_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.queue_wait = Histogram(
+            "luigi_celery_queue_wait_seconds",
+            "Time from publishing (or the end of a countdown) to a worker taking the task",
+            labels, buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
         self.rate_limit_wait = Histogram(
             "luigi_celery_rate_limit_wait_seconds",
             "Countdowns tasks were sent back with, to wait for their rate-limit slot",

@@ -324,6 +324,7 @@ class Sender:
 
     def _send(self, tracked: Tracked, celery_id: str) -> None:
         task_id = tracked.msg.task_id
+        tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
         try:
             self.app.send_task(
                 m.TASK_NAME,

@@ -30,6 +30,7 @@ def a_task_message() -> m.TaskMessage:
         check_unfulfilled_deps=False,
         check_complete_on_run=True,
         worker_timeout=30.5,
+        sent_at=1795290886.25,
     )
 
 
@@ -229,6 +230,8 @@ def test_from_dict_rejects_a_message_with_a_missing_field(
         ("check_complete_on_run", None),
         ("worker_timeout", "30"),
         ("worker_timeout", True),
+        ("sent_at", "now"),
+        ("sent_at", True),
     ],
 )
 def test_task_message_rejects_a_field_of_the_wrong_type(field: str, value: Any) -> None:

@@ -47,6 +47,9 @@ def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replace
     assert total(samples, "luigi_celery_runs_total", outcome="retry") == 2
     assert total(samples, "luigi_celery_retries_total", family="Flaky") == 2
     assert total(samples, "luigi_celery_task_duration_seconds_count") == 7
+    # (every delivery was timed in the queue: a retry from the end of its countdown, so not its backoff)
+    assert total(samples, "luigi_celery_queue_wait_seconds_count") == 7
+    assert 0 <= total(samples, "luigi_celery_queue_wait_seconds_sum") < 7 * 1.0
     assert total(samples, "luigi_celery_runs_total", family="Slow", queue=pool.queue) == 3
     # and the depth of the queue it consumes, empty now
     assert samples[("luigi_celery_queue_depth", (("queue", pool.queue),))] == 0
