@@ -26,7 +26,7 @@ from luigi.task_register import TaskClassException
 
 from luigi_celery import message as m
 from luigi_celery.errors import ConfigError, MessageError
-from luigi_celery.metrics import WorkerMetrics, hook, labels
+from luigi_celery.metrics import Delivery, WorkerMetrics
 from luigi_celery.options import task_options
 from luigi_celery.ratelimit import LATENESS_ALLOWED, Limiter, Rate
 from luigi_celery.results import publish_reply
@@ -384,29 +384,19 @@ def register_execute(
                 publish(partial.reply_to, _failed(partial, f"malformed task message: {e}").to_dict())
             # Celery logs the rejection, once, with this reason.
             raise Reject(f"rejected malformed message: {e}", requeue=False) from e
-        where = labels(msg.family, (self.request.delivery_info or {}).get("routing_key"))
-
-        def count(outcome: str, began: float | None = None) -> None:
-            if metrics is not None:
-                with hook("a run"):
-                    metrics.runs.labels(**where, outcome=outcome).inc()
-                    if began is not None:
-                        metrics.duration.labels(**where).observe(time.monotonic() - began)
-
-        if metrics is not None and msg.sent_at is not None:
-            with hook("a queue wait"):  # wall clocks: a dispatcher ahead of this worker reads as 0
-                metrics.queue_wait.labels(**where).observe(max(0.0, time.time() - msg.sent_at))
+        delivery = Delivery(metrics, msg.family, (self.request.delivery_info or {}).get("routing_key"))
+        delivery.queued(msg.sent_at)
         task = rebuild(msg, allowed)
         if isinstance(task, m.ResultMessage):
             publish(msg.reply_to, task.to_dict())
-            count(m.FAILED)
+            delivery.finished(m.FAILED)
             return task.to_dict()
         try:
             options = task_options(type(task))
         except ConfigError as e:
             failed = _failed(msg, f"bad options on {msg.family}: {e}")
             publish(msg.reply_to, failed.to_dict())
-            count(m.FAILED)
+            delivery.finished(m.FAILED)
             return failed.to_dict()
 
         if options.rate is not None and limiter is not None:
@@ -415,15 +405,13 @@ def register_execute(
                 # Its slot is later: back to the broker with that countdown, holding the slot.
                 # The worker keeps it in memory, not in a pool process, and other tasks go on.
                 _hold(publish, msg, wait)
-                if metrics is not None:
-                    with hook("a rate-limit wait"):
-                        metrics.rate_limit_wait.labels(**where).observe(wait)
+                delivery.rate_limited(wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
                 raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
-                count("duplicate")
+                delivery.finished("duplicate")
                 return {"duplicate": msg.celery_id}
             # A repeat delivery (a later attempt, a redelivered message, an id seen
             # started before) may find its work done: then it answers DONE, not runs.
@@ -436,12 +424,9 @@ def register_execute(
             if retry_error is None:
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
                 publish(msg.reply_to, result.to_dict())
-                count(result.status, began)
+                delivery.finished(result.status, began)
                 return result.to_dict()
-        count("retry", began)
-        if metrics is not None:
-            with hook("a retry"):
-                metrics.retries.labels(**where).inc()
+        delivery.finished("retry", began)
         assert options.retry is not None
         failures = msg.failures + 1
         delay = options.retry.delay(failures)

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -130,3 +131,32 @@ class WorkerMetrics:
 
 def labels(family: str, queue: str | None) -> dict[str, Any]:
     return {"family": family, "queue": queue or ""}
+
+
+class Delivery:
+    """The moments of one task delivery on a worker, recorded; nothing without metrics."""
+
+    def __init__(self, metrics: WorkerMetrics | None, family: str, queue: str | None) -> None:
+        self._metrics = metrics
+        self._labels = labels(family, queue)
+
+    def queued(self, sent_at: float | None) -> None:
+        """It reached a worker; ``sent_at`` is the dispatcher's wall clock (ahead of ours reads as 0)."""
+        if self._metrics is not None and sent_at is not None:
+            with hook("a queue wait"):
+                self._metrics.queue_wait.labels(**self._labels).observe(max(0.0, time.time() - sent_at))
+
+    def rate_limited(self, wait: float) -> None:
+        if self._metrics is not None:
+            with hook("a rate-limit wait"):
+                self._metrics.rate_limit_wait.labels(**self._labels).observe(wait)
+
+    def finished(self, outcome: str, began: float | None = None) -> None:
+        """An attempt ended: a Luigi status, ``retry`` or ``duplicate``; ``began`` on the monotonic clock."""
+        if self._metrics is not None:
+            with hook("a run"):
+                self._metrics.runs.labels(**self._labels, outcome=outcome).inc()
+                if outcome == "retry":
+                    self._metrics.retries.labels(**self._labels).inc()
+                if began is not None:
+                    self._metrics.duration.labels(**self._labels).observe(time.monotonic() - began)
