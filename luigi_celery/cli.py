@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.settings import Settings, load_settings, redact
+from luigi_celery.settings import Settings, load_settings, port_number, redact
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,9 @@ def _positive_float(text: str) -> float:
 
 def _port(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
-    return value
+        return port_number(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:

@@ -127,10 +127,14 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _port(value: str) -> int:
-    number = int(value)
+def port_number(value: str) -> int:
+    """A TCP port, from a flag, an environment variable or the luigi config."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if not 0 < number < 65536:
-        raise ValueError("must be a port number from 1 to 65535")
+        raise ValueError(f"must be a port number from 1 to 65535, got {value!r}")
     return number
 
 
@@ -151,7 +155,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_timeout": _positive_float,
     "visibility_timeout": _positive_float,
     "outage_tolerance": _positive_float,
-    "metrics_port": _port,
+    "metrics_port": port_number,
     "embedded_dir": str,
 }
 
