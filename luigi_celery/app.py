@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import kombu
 from celery import Celery
+from celery.app.amqp import AMQP
 
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
+from luigi_celery.errors import ConfigError
 from luigi_celery.execute import register_execute
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
-from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
+from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings, redact
 from luigi_celery.store import RedisStore, redis_store_url
 
 # Celery's own queue priority range, used on RabbitMQ (x-max-priority).
@@ -55,6 +58,31 @@ def make_limiter(settings: Settings) -> Limiter | None:
     return RedisLimiter(url) if url else None
 
 
+class _AMQP(AMQP):
+    """Celery's message builder, with each ``task-sent`` event named like its task.
+
+    Celery names the sent event after the registered task (``luigi_celery.execute``)
+    even when the message has a shadow name (the Luigi task id).  Flower takes
+    the name of the last event it applies, and the dispatcher's sent event can
+    arrive after the worker's, so without this a task could show the generic name.
+    """
+
+    def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
+        message = super().as_task_v2(*args, **kwargs)
+        shadow = message.headers.get("shadow")
+        if message.sent_event is not None and shadow:
+            message.sent_event["name"] = shadow
+        return message
+
+
+def _check_transport(url: str) -> None:
+    """A broker URL whose scheme names no kombu transport is one clear error, not a KeyError later."""
+    try:
+        kombu.Connection(url)  # resolves the transport; connects nothing
+    except (KeyError, ValueError, ImportError) as e:
+        raise ConfigError(f"unsupported broker URL {redact(url)}: {e}") from e
+
+
 def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) -> Celery:
     """A Celery app for ``settings``, with the execute task registered.
 
@@ -62,6 +90,8 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
     the broker lives in (the dispatcher creates it).
     """
     broker_url, transport, transport_options = settings.broker_url, None, {}
+    if broker_url:
+        _check_transport(broker_url)
     redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
     if redis_broker:
         transport_options["visibility_timeout"] = settings.visibility_timeout
@@ -75,7 +105,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         transport_options = embedded_transport_options(settings.embedded_dir)
     transport_options.update(settings.broker_transport_options)
 
-    app = Celery("luigi_celery", set_as_current=False)
+    app = Celery("luigi_celery", set_as_current=False, amqp=_AMQP)
     app.conf.update(
         broker_url=broker_url,
         broker_transport=transport,

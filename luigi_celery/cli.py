@@ -128,6 +128,11 @@ def make_argument_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help="how long to wait for answers"
     )
+    check.add_argument(
+        "--worker",
+        metavar="NAME",
+        help="only this worker must answer, e.g. celery@$(hostname) (a container's health check)",
+    )
     return parser
 
 
@@ -192,8 +197,13 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     install_signal_handlers()
+    from luigi_celery.progress import Progress, ProgressView
+
+    # On a terminal a live line under the log; otherwise a plain progress line now and then.
+    progress = ProgressView(Progress())
+    progress.install()  # before any logging handler takes hold of stderr
     _log_like_luigi()
-    return run_pipeline(settings, luigi_argv)
+    return run_pipeline(settings, luigi_argv, progress)
 
 
 def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
@@ -216,10 +226,12 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
     app = make_app(settings, worker_metrics=metrics)
     port = settings.metrics_port
     if metrics is not None and port:
+        from luigi_celery.metrics import PoolProcessesCollector
         from luigi_celery.queues import QueueDepthCollector
 
         consumed = _consumed_queues(celery_argv) or [settings.queue]
-        _serve_or_fail(functools.partial(metrics.serve, port, QueueDepthCollector(app, lambda: consumed)), port)
+        depth = QueueDepthCollector(app, lambda: consumed, settings.rabbitmq_api_url)
+        _serve_or_fail(functools.partial(metrics.serve, port, depth, PoolProcessesCollector()), port)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
@@ -244,13 +256,50 @@ def _serve_or_fail(serve: Callable[[], None], port: int) -> None:
         raise LuigiCeleryError(f"cannot serve metrics on port {port}: {e}") from e
 
 
+def flower_arguments(argv: Sequence[str]) -> list[str]:
+    """Flower's options in the ``--name=value`` form its parser (tornado's) requires.
+
+    ``--port 5555`` is accepted too, as on every other command; an unknown
+    option or one without its value is an error here, in one line, instead of
+    a traceback from inside Flower.
+    """
+    import flower.options  # noqa: F401  (defines Flower's options)
+    from tornado.options import options
+
+    converted: list[str] = []
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--help", "-h") or not arg.startswith("--"):
+            converted.append(arg)
+            continue
+        name, has_value, _ = arg[2:].partition("=")
+        if name not in options:
+            raise LuigiCeleryError(f"unknown Flower option --{name} (see luigi-celery flower --help)")
+        if not has_value and not isinstance(options[name], bool):
+            if not rest or rest[0].startswith("--"):
+                raise LuigiCeleryError(f"Flower option --{name} needs a value")
+            arg = f"--{name}={rest.pop(0)}"
+        converted.append(arg)
+    return converted
+
+
 def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
     from luigi_celery.app import make_app
 
     settings = _settings(args)
     if settings.embedded:
         raise LuigiCeleryError("Flower needs a broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
-    make_app(settings).start(["flower", *flower_argv])
+    flower_argv = flower_arguments(flower_argv)
+    app = make_app(settings)
+    with app.connection_for_read() as conn:
+        rabbitmq = conn.transport.driver_type == "amqp"
+    if rabbitmq and not any(_has_flag(flower_argv, f) for f in ("--broker_api", "--broker-api")):
+        # Flower's Broker page shows RabbitMQ's queues through the management API.
+        from luigi_celery.queues import rabbitmq_api_url
+
+        flower_argv.append(f"--broker_api={rabbitmq_api_url(app, settings.rabbitmq_api_url)}")
+    app.start(["flower", *flower_argv])
     return EXIT_OK
 
 
@@ -264,11 +313,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     app = make_app(settings)
     check_broker(app, args.timeout)
-    replies = app.control.ping(timeout=args.timeout)
+    replies = app.control.ping(destination=[args.worker] if args.worker else None, timeout=args.timeout)
     if not replies:
-        print(
-            f"luigi-celery check: broker {redact(settings.broker_url)} answers, but no worker replied", file=sys.stderr
-        )
+        who = f"worker {args.worker} did not reply" if args.worker else "no worker replied"
+        print(f"luigi-celery check: broker {redact(settings.broker_url)} answers, but {who}", file=sys.stderr)
         return EXIT_PROBLEM
     names = sorted(name for reply in replies for name in reply)
     print(

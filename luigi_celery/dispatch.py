@@ -2,7 +2,7 @@
 
 This is the ONLY module that touches Luigi's private API:
 ``Worker._create_task_process``, ``Worker._task_result_queue``,
-``Worker._scheduled_tasks``, ``interface._WorkerSchedulerFactory``,
+``Worker._scheduled_tasks``, ``Worker._add_task``, ``interface._WorkerSchedulerFactory``,
 ``interface._run`` and ``execution_summary._summary_dict/_root_task``.
 ``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
 :class:`CeleryTaskProcess`, so a Luigi upgrade fails there, loudly.
@@ -32,6 +32,7 @@ from luigi.setup_logging import InterfaceLogging
 
 from luigi_celery import message as m
 from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.progress import ProgressView
 from luigi_celery.sender import Sender
 
 logger = logging.getLogger(__name__)
@@ -183,9 +184,11 @@ class CeleryWorker(luigi.worker.Worker):
         *,
         sender: Sender,
         on_start: Callable[[set[str]], None] | None = None,
+        progress: ProgressView | None = None,
         **kwargs: Any,
     ) -> None:
         self._sender = sender  # before Luigi's __init__, which sets worker_processes
+        self._progress = progress  # before Luigi's __init__, which may report tasks
         super().__init__(scheduler, worker_id, worker_processes, assistant, **kwargs)
         self._task_result_queue.close()  # the multiprocessing queue Luigi made: not needed
         self._task_result_queue = ResultQueue()
@@ -204,7 +207,15 @@ class CeleryWorker(luigi.worker.Worker):
     def worker_processes(self, n: int) -> None:
         self.slots = int(n)  # set by Luigi's __init__, and by its set_worker_processes message
 
+    def _add_task(self, *args: Any, **kwargs: Any) -> None:
+        # Every status the worker tells the scheduler (scheduled, done, failed, ...) goes through here.
+        super()._add_task(*args, **kwargs)
+        if self._progress is not None:
+            self._progress.progress.reported(kwargs["task_id"], kwargs["status"])
+
     def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess:
+        if self._progress is not None:
+            self._progress.progress.started(task.task_id)
         reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
         return CeleryTaskProcess(
@@ -217,7 +228,13 @@ class CeleryWorker(luigi.worker.Worker):
     def run(self) -> bool:
         if self._on_start is not None:
             self._on_start({t.task_module for t in self._scheduled_tasks.values()})
-        return bool(super().run())
+        if self._progress is not None:
+            self._progress.start()
+        try:
+            return bool(super().run())
+        finally:
+            if self._progress is not None:
+                self._progress.stop()  # before Luigi prints its summary
 
     def __exit__(self, type_: Any, value: Any, traceback: Any) -> bool:
         try:
@@ -238,10 +255,12 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
         sender: Sender,
         on_worker: Callable[[int], None] | None = None,
         on_start: Callable[[set[str]], None] | None = None,
+        progress: ProgressView | None = None,
     ) -> None:
         self.sender = sender
         self.on_worker = on_worker
         self.on_start = on_start
+        self.progress = progress
         self.worker: CeleryWorker | None = None
 
     def create_worker(self, scheduler: Any, worker_processes: int, assistant: bool = False) -> CeleryWorker:
@@ -253,6 +272,7 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
             assistant=assistant,
             sender=self.sender,
             on_start=self.on_start,
+            progress=self.progress,
         )
         return self.worker
 

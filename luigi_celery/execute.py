@@ -52,6 +52,24 @@ def timeout_explanation(task_id: str, seconds: float | int | None) -> str:
     return f"Task {task_id} timed out after {seconds} seconds and was terminated."
 
 
+class LuigiTaskFailed(Exception):
+    """Raised after a FAILED reply has gone to the dispatcher, so that Celery, and
+    Flower with it, record a task Luigi calls FAILED as a FAILURE, with Luigi's
+    explanation. The dispatcher never sees it: it reads the reply."""
+
+
+# The explanation a FAILURE carries into Celery's events (Flower) is cut to this many characters.
+FAILURE_TEXT_LIMIT = 4000
+
+
+def _ended(result: m.ResultMessage) -> dict[str, Any]:
+    """What the execute task returns for ``result``, which has been published: a FAILED one raises."""
+    if result.status == m.FAILED:
+        text = result.expl or f"{result.task_id} failed"
+        raise LuigiTaskFailed(text if len(text) <= FAILURE_TEXT_LIMIT else "..." + text[-FAILURE_TEXT_LIMIT:])
+    return result.to_dict()
+
+
 class RemoteStatusReporter:
     """Stands in for Luigi's TaskStatusReporter on a worker.
 
@@ -320,10 +338,17 @@ def _partial_message(kwargs: dict[str, Any]) -> m.TaskMessage | None:
 class ExecuteTask(Task):
     """Base class of the execute task: replies FAILED when a time limit kills it."""
 
+    # Celery's own retry limit is off: a rate-limit re-queue is not a failure, and failures are
+    # counted in the message against the Luigi task's max_retries. (``retry(max_retries=None)``
+    # alone means "the task's default", 3, and a task re-queued for its slot a 4th time failed.)
+    max_retries = None
+
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         # Runs in the worker's main process on a hard time limit, and in the child
         # for an exception that escaped execute(); either way the dispatcher must hear.
         msg = _partial_message(kwargs if isinstance(kwargs, dict) else {})
+        if isinstance(exc, LuigiTaskFailed):
+            return  # the dispatcher has its FAILED reply already
         if msg is None or isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
             return  # a lost worker's message is requeued: it will run and reply
         if isinstance(exc, TimeLimitExceeded):
@@ -372,7 +397,17 @@ def register_execute(
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
         publish_reply(app, reply_to, payload)
 
-    @app.task(name=m.TASK_NAME, bind=True, base=ExecuteTask, acks_late=True, reject_on_worker_lost=True)
+    @app.task(
+        name=m.TASK_NAME,
+        # Not Celery's default "shared" task: that registers this closure in every app made later
+        # in the process, and each later app would run the first app's allowlist, store and limiter.
+        shared=False,
+        bind=True,
+        base=ExecuteTask,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        throws=(LuigiTaskFailed,),  # an expected outcome: Celery logs it without its own traceback
+    )
     def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             if args or set(kwargs) != {"message"}:
@@ -390,14 +425,14 @@ def register_execute(
         if isinstance(task, m.ResultMessage):
             publish(msg.reply_to, task.to_dict())
             delivery.finished(m.FAILED)
-            return task.to_dict()
+            return _ended(task)
         try:
             options = task_options(type(task))
         except ConfigError as e:
             failed = _failed(msg, f"bad options on {msg.family}: {e}")
             publish(msg.reply_to, failed.to_dict())
             delivery.finished(m.FAILED)
-            return failed.to_dict()
+            return _ended(failed)
 
         if options.rate is not None and limiter is not None:
             wait, slot = _rate_gate(limiter, options.rate_key, options.rate, msg.rate_slot)
@@ -425,7 +460,7 @@ def register_execute(
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
                 publish(msg.reply_to, result.to_dict())
                 delivery.finished(result.status, began)
-                return result.to_dict()
+                return _ended(result)
         delivery.finished("retry", began)
         assert options.retry is not None
         failures = msg.failures + 1

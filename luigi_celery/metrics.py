@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,13 +55,46 @@ def hook(what: str) -> Iterator[None]:
         logger.exception("could not record %s", what)
 
 
+# The dispatcher waits at most this long at the end of a run for Prometheus to scrape its final numbers.
+FINAL_SCRAPE_TIMEOUT = 60.0
+
+
+# After the last scrape has collected everything, its response still has to be written.
+RESPONSE_WRITE_TIME = 0.2
+
+
+class _Scrapes:
+    """Notes when each scrape of a registry started, once it has collected every metric."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []  # the last two
+        self.seen = threading.Condition()
+
+    def done(self, started: float) -> None:
+        with self.seen:
+            self.started = [*self.started[-1:], started]
+            self.seen.notify_all()
+
+    def wait_for_one_after(self, moment: float, timeout: float) -> bool:
+        with self.seen:
+            return self.seen.wait_for(lambda: bool(self.started) and self.started[-1] > moment, timeout)
+
+
 class DispatcherMetrics:
     """What ``luigi-celery run`` sends and hears back."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        scrapes = self._scrapes = _Scrapes()
+
+        class Registry(CollectorRegistry):
+            def collect(self) -> Iterator[Any]:
+                started = time.monotonic()
+                yield from super().collect()
+                scrapes.done(started)
+
+        self.registry = Registry()
         self.dispatched = Counter(
             "luigi_celery_dispatched", "Task messages published (each attempt)", ["family", "queue"],
             registry=self.registry,
@@ -82,6 +116,23 @@ class DispatcherMetrics:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+    def final_scrape(self, limit: float = FINAL_SCRAPE_TIMEOUT) -> bool:
+        """Wait for one more scrape, so the run's final numbers reach Prometheus; True if it came.
+
+        A run nobody scrapes ends at once. Otherwise the wait is about one scrape
+        interval (two, at most ``limit``), as seen from the last two scrapes.
+        """
+        times = list(self._scrapes.started)
+        if not times:
+            return False
+        interval = times[-1] - times[-2] if len(times) > 1 else limit / 2
+        timeout = min(limit, 2 * interval + 1)
+        logger.info("waiting up to %.0f s for Prometheus to scrape the run's final metrics", timeout)
+        if not self._scrapes.wait_for_one_after(time.monotonic(), timeout):
+            return False
+        time.sleep(RESPONSE_WRITE_TIME)
+        return True
 
 
 class WorkerMetrics:
@@ -116,17 +167,47 @@ class WorkerMetrics:
         )  # fmt: skip
 
     @staticmethod
-    def serve(port: int, queue_depth: Any = None) -> None:
-        """Serve the sum over every process of this worker, and the depth of the queues it
-        consumes (call in the main process)."""
+    def serve(port: int, *collectors: Any) -> None:
+        """Serve the sum over every process of this worker, and ``collectors`` read in the
+        main process at each scrape (the queue depth, the pool size); call in the main process."""
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        if queue_depth is not None:
-            registry.register(queue_depth)
+        for collector in collectors:
+            registry.register(collector)
         start_http_server(port, addr="0.0.0.0", registry=registry)
+
+
+class PoolProcessesCollector:
+    """``luigi_celery_worker_pool_processes``: how many pool processes this worker has now.
+
+    It moves with ``--autoscale``; ``count()`` of it is the number of workers
+    online, ``sum()`` the slots they offer.  The worker is found through
+    Celery's ``worker_init`` signal, and its pool is read at each scrape.
+    """
+
+    def __init__(self) -> None:
+        from celery import signals
+
+        self._worker: Any = None
+        signals.worker_init.connect(self._found, weak=False)
+
+    def _found(self, sender: Any = None, **_: Any) -> None:
+        self._worker = sender
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        gauge = GaugeMetricFamily(
+            "luigi_celery_worker_pool_processes", "Pool processes this worker has now (moves with --autoscale)"
+        )
+        pool = getattr(self._worker, "pool", None)
+        if pool is not None:  # (not before the pool starts)
+            info = pool.info
+            gauge.add_metric([], len(info["processes"]) if "processes" in info else info.get("max-concurrency", 0))
+        yield gauge
 
 
 def labels(family: str, queue: str | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from luigi_celery.dispatch import (
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
 from luigi_celery.errors import LuigiCeleryError, RunAlreadyActive
 from luigi_celery.metrics import DispatcherMetrics
+from luigi_celery.progress import ProgressView
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store import RedisStore
@@ -64,7 +65,7 @@ def report_failures(worker: CeleryWorker) -> None:
         print(f"--- {task_id}{where} ---\n{result.expl.rstrip()}\n", file=sys.stderr)
 
 
-def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
+def run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressView | None = None) -> int:
     """Run the pipeline ``luigi_argv`` names; return the process exit code."""
     if settings.embedded:
         settings = settings.replace(embedded_dir=make_embedded_dir())
@@ -113,7 +114,9 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
         embedded.append(pool)
         sender.add_health_check(pool.problem)
 
-    factory = CeleryWorkerSchedulerFactory(sender, on_worker=start_sender, on_start=start_embedded_pool)
+    factory = CeleryWorkerSchedulerFactory(
+        sender, on_worker=start_sender, on_start=start_embedded_pool, progress=progress
+    )
     try:
         code = run_with_retcodes(luigi_argv, factory)
     except RunAlreadyActive as e:
@@ -127,6 +130,8 @@ def run_pipeline(settings: Settings, luigi_argv: list[str]) -> int:
     finally:
         for pool in embedded:
             pool.stop()
+    if metrics is not None:
+        metrics.final_scrape()
     if factory.worker is not None:
         report_failures(factory.worker)
     return code

@@ -134,7 +134,7 @@ class Sender:
         self.queues_used = {settings.queue}
         if metrics is not None:
             metrics.watch_in_flight(self.in_flight)
-            metrics.watch_queues(QueueDepthCollector(app, lambda: sorted(self.queues_used)))
+            metrics.watch_queues(QueueDepthCollector(app, lambda: sorted(self.queues_used), settings.rabbitmq_api_url))
 
     # --- life cycle --------------------------------------------------------
 

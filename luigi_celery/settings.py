@@ -92,6 +92,9 @@ class Settings:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     outage_tolerance: float = DEFAULT_OUTAGE_TOLERANCE
+    # RabbitMQ's management API, for the unacknowledged part of the queue depth
+    # (default: http://<broker user>:<password>@<broker host>:15672/).
+    rabbitmq_api_url: str | None = None
     # Serve Prometheus metrics on this port (`run`: the dispatcher's; `worker`: the worker's).
     metrics_port: int | None = None
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
@@ -107,6 +110,7 @@ class Settings:
         shown["broker_url"] = redact(self.broker_url) if self.broker_url else None
         shown["result_backend"] = redact(self.result_backend) if self.result_backend else None
         shown["redis_url"] = redact(self.redis_url) if self.redis_url else None
+        shown["rabbitmq_api_url"] = redact(self.rabbitmq_api_url) if self.rabbitmq_api_url else None
         shown["broker_transport_options"] = _redact_options(self.broker_transport_options)
         inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"Settings({inner})"
@@ -156,6 +160,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "visibility_timeout": _positive_float,
     "outage_tolerance": _positive_float,
     "metrics_port": port_number,
+    "rabbitmq_api_url": str,
     "embedded_dir": str,
 }
 

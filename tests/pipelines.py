@@ -361,3 +361,10 @@ class MixedOutcomes(luigi.WrapperTask):
 
     def requires(self):
         return [Slow(out=self.out, n=n, seconds=0.05) for n in range(3)] + [Fails(out=self.out), Flaky(out=self.out)]
+
+
+class MixedOutcomesForAWhile(MixedOutcomes):
+    """MixedOutcomes, and a success that takes 3 s: a run long enough to be scraped a few times."""
+
+    def requires(self):
+        return [*super().requires(), Slow(out=self.out, n=3, seconds=3.0)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -211,6 +212,17 @@ def test_check_sees_the_pool_and_reports_an_unreachable_broker(redis_pool):
     assert good.returncode == 0 and all(w.name in good.stdout for w in redis_pool.workers)
     bad = run_cli("check", "--broker", "redis://127.0.0.1:1/0", "--timeout", "2")
     assert bad.returncode == 1 and "cannot reach the broker at redis://127.0.0.1:1/0" in bad.stdout
+
+
+def test_check_of_one_worker_asks_only_that_worker(redis_pool):
+    # (a container's health check: this worker must answer, not just any)
+    one, other = redis_pool.workers
+    name = f"{one.name}@{socket.gethostname()}"
+    mine = run_cli("check", "--broker", redis_pool.broker, "--worker", name)
+    assert mine.returncode == 0 and name in mine.stdout and other.name not in mine.stdout, mine.stdout
+    gone = run_cli("check", "--broker", redis_pool.broker, "--worker", "nobody@nowhere", "--timeout", "2")
+    assert gone.returncode == 1
+    assert gone.stdout.strip().endswith("answers, but worker nobody@nowhere did not reply"), gone.stdout
 
 
 def test_a_wrapper_task_runs_and_calls_on_success_like_stock_luigi(redis_pool, tmp_path):

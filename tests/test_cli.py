@@ -7,7 +7,10 @@ import signal
 import subprocess
 import time
 
-from luigi_celery.cli import make_argument_parser
+import pytest
+
+from luigi_celery.cli import flower_arguments, make_argument_parser
+from luigi_celery.errors import LuigiCeleryError
 from tests.conftest import BIN, ROOT, clean_env, run_cli
 
 
@@ -39,8 +42,29 @@ def test_bad_flags_are_one_clear_error():
     )
     bad_port = run_cli("worker", "--metrics-port", "99999", "--include", "examples")
     assert bad_port.returncode == 2 and "argument --metrics-port: must be a port number" in bad_port.stdout
+    no_transport = run_cli("worker", "--broker", "foo://u:secret@host/0", "--include", "examples")
+    assert no_transport.returncode == 2
+    assert no_transport.stdout.strip() == (
+        "luigi-celery worker: error: unsupported broker URL foo://u:****@host/0: 'No such transport: foo'"
+    )
     extra = run_cli("check", "--bogus")
     assert extra.returncode == 2 and "unrecognized arguments: --bogus" in extra.stdout
+
+
+def test_flower_options_take_their_value_either_way_and_a_wrong_one_is_one_line():
+    # Flower's parser (tornado's) wants --name=value; ours takes --name value as well
+    assert flower_arguments(["--port", "5556", "--basic-auth=u:p", "--persistent", "--address", "127.0.0.1"]) == [
+        "--port=5556", "--basic-auth=u:p", "--persistent", "--address=127.0.0.1"
+    ]  # fmt: skip
+    with pytest.raises(LuigiCeleryError, match="unknown Flower option --prot"):
+        flower_arguments(["--prot", "5556"])
+    with pytest.raises(LuigiCeleryError, match="Flower option --port needs a value"):
+        flower_arguments(["--port"])
+    unknown = run_cli("flower", "--broker", "redis://127.0.0.1:6379/11", "--prot", "5556")
+    assert unknown.returncode == 2
+    assert unknown.stdout.strip() == (
+        "luigi-celery flower: error: unknown Flower option --prot (see luigi-celery flower --help)"
+    )
 
 
 def test_embedded_tasks_run_in_worker_processes_side_by_side(tmp_path):

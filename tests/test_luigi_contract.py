@@ -41,7 +41,9 @@ CONTRACT = {
 }
 
 # The private Worker attributes luigi_celery.dispatch relies on.
-PRIVATE_WORKER_API = ("_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config")
+PRIVATE_WORKER_API = (
+    "_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config", "_add_task"
+)  # fmt: skip
 
 
 def _process_attribute_reads(cls: type) -> set[str]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from luigi_celery.metrics import DispatcherMetrics
 from tests.conftest import REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
 
 
@@ -53,6 +56,12 @@ def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replace
     assert total(samples, "luigi_celery_runs_total", family="Slow", queue=pool.queue) == 3
     # and the depth of the queue it consumes, empty now
     assert samples[("luigi_celery_queue_depth", (("queue", pool.queue),))] == 0
+    # and its pool size, two processes (read again if a replacement was under way)
+    deadline = time.monotonic() + 10
+    while samples[("luigi_celery_worker_pool_processes", ())] != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = scrape(port)
+    assert samples[("luigi_celery_worker_pool_processes", ())] == 2
     # (and the processes were replaced: the tasks ran in more than the two processes a pool starts with)
     assert len(set(re.findall(r"\[pid (\d+)\] Worker", worker.output()))) > 2
 
@@ -101,3 +110,23 @@ def test_an_embedded_run_serves_the_dispatchers_metrics_and_its_pool_leaves_the_
     result = run_cli("run", "--module", "tests.pipelines", "Succeeds", "--out", str(tmp_path), env=env)
     # Then the run works: only the dispatcher took the port
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_at_the_end_the_dispatcher_waits_for_one_more_scrape_only_when_it_is_scraped():
+    metrics = DispatcherMetrics()
+    # Nobody scrapes it: a run ends at once
+    began = time.monotonic()
+    assert metrics.final_scrape(limit=5) is False
+    assert time.monotonic() - began < 0.1
+    # Scraped every 0.3 s: it waits for the next scrape after the end
+    generate_latest(metrics.registry)
+    time.sleep(0.3)
+    generate_latest(metrics.registry)
+    threading.Timer(0.5, generate_latest, [metrics.registry]).start()
+    began = time.monotonic()
+    assert metrics.final_scrape(limit=5) is True
+    assert 0.5 <= time.monotonic() - began < 1.5
+    # and when that scrape does not come, it gives up after about two intervals, not the limit
+    began = time.monotonic()
+    assert metrics.final_scrape(limit=5) is False
+    assert time.monotonic() - began < 3

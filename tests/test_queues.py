@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -11,6 +12,9 @@ from luigi_celery.app import make_app
 from luigi_celery.queues import QueueDepthCollector, queue_depths
 from luigi_celery.settings import Settings
 from tests.conftest import BROKERS, RABBITMQ_URL, REDIS_URL
+
+# RabbitMQ's management API refreshes its message counts every 5 s (collect_statistics_interval).
+API_REFRESH = 15.0
 
 
 def _publish(url: str, queue: str, count: int, **options) -> None:
@@ -52,6 +56,49 @@ def test_on_redis_a_message_handed_out_and_not_acknowledged_still_counts(brokers
         taken.ack()
     assert queue_depths(app, [queue]) == {queue: 2}
     _delete(REDIS_URL, queue)
+
+
+def _depth_becomes(app, queue: str, expected: int, api_url: str | None = None) -> dict[str, int]:
+    deadline = time.monotonic() + API_REFRESH
+    while True:
+        depths = queue_depths(app, [queue], api_url)
+        if depths == {queue: expected} or time.monotonic() > deadline:
+            return depths
+        time.sleep(0.5)
+
+
+def test_on_rabbitmq_a_message_handed_out_and_not_acknowledged_still_counts(brokers):
+    queue = f"lc-test-{uuid.uuid4().hex[:10]}"
+    _publish(RABBITMQ_URL, queue, 3)
+    app = make_app(Settings(broker_url=RABBITMQ_URL))
+    try:
+        with Connection(RABBITMQ_URL) as conn:
+            taken = Queue(queue, routing_key=queue)(conn.channel()).get(no_ack=False)
+            assert taken is not None
+            # Then the one a consumer holds still counts (from the management API): 2 ready + 1 unacked
+            assert _depth_becomes(app, queue, 3) == {queue: 3}
+            taken.ack()
+            assert _depth_becomes(app, queue, 2) == {queue: 2}
+    finally:
+        _delete(RABBITMQ_URL, queue)
+
+
+def test_without_the_management_api_the_rabbitmq_depth_is_the_ready_count(brokers, caplog):
+    queue = f"lc-test-{uuid.uuid4().hex[:10]}"
+    _publish(RABBITMQ_URL, queue, 3)
+    app = make_app(Settings(broker_url=RABBITMQ_URL))
+    nowhere = "http://guest:secret@127.0.0.1:1/"
+    try:
+        with Connection(RABBITMQ_URL) as conn:
+            taken = Queue(queue, routing_key=queue)(conn.channel()).get(no_ack=False)
+            assert queue_depths(app, [queue], nowhere) == {queue: 2}
+            assert queue_depths(app, [queue], nowhere) == {queue: 2}
+            taken.ack()
+    finally:
+        _delete(RABBITMQ_URL, queue)
+    # one warning, and it does not show the password
+    warnings = [r.getMessage() for r in caplog.records if "management API" in r.getMessage()]
+    assert len(warnings) == 1 and "secret" not in warnings[0] and "ready messages only" in warnings[0]
 
 
 def test_the_collector_exports_the_gauge_and_survives_a_broker_that_is_away(brokers):
