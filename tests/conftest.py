@@ -6,12 +6,15 @@ skips (``scripts/test`` starts the brokers before pytest runs).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +51,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def http_get(url: str, auth: str | None = None, timeout: float = 10) -> tuple[int | None, bytes]:
+    """(status, body) of a GET, with basic auth ``user:password`` if given; (None, b"") when
+    nothing answers at ``url`` (yet)."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return None, b""
+
+
+def wait_until(
+    what: str,
+    ready: Callable[[], object],
+    timeout: float = 60,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll ``ready()`` until it is true; fail when ``process`` exits or ``timeout`` runs out,
+    showing the end of ``log``."""
+    deadline = time.monotonic() + timeout
+    tail = lambda: log.read_text()[-3000:] if log is not None and log.exists() else ""  # noqa: E731
+    while not ready():
+        assert process is None or process.poll() is None, f"{what}: the process exited\n{tail()}"
+        assert time.monotonic() < deadline, f"{what} not ready after {timeout} s\n{tail()}"
+        time.sleep(0.3)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
