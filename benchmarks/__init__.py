@@ -1,0 +1,1 @@
+"""Reproducible benchmarks; not part of the installed package (see benchmarks/README.md)."""
