@@ -33,6 +33,7 @@ from luigi.setup_logging import InterfaceLogging
 from luigi_celery import message as m
 from luigi_celery.errors import LuigiCeleryError
 from luigi_celery.progress import ProgressView
+from luigi_celery.scheduler import FastScheduler
 from luigi_celery.sender import Sender
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,10 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
         self.on_start = on_start
         self.progress = progress
         self.worker: CeleryWorker | None = None
+
+    def create_local_scheduler(self) -> FastScheduler:
+        # Luigi's own local scheduler, as Luigi builds it, with a get_work that does not grow with the DAG
+        return FastScheduler(prune_on_get_work=True, record_task_history=False)
 
     def create_worker(self, scheduler: Any, worker_processes: int, assistant: bool = False) -> CeleryWorker:
         if self.on_worker is not None:

@@ -1,0 +1,311 @@
+"""Luigi's local scheduler, with a ``get_work`` whose cost does not grow with the DAG.
+
+Luigi's ``Scheduler.get_work`` prunes the whole graph, sorts every pending task
+and counts every pending task (walking its upstream) on each call, and a run
+calls it once per task: a 10,000-task run is quadratic. :class:`FastScheduler`
+gives the same answers from bookkeeping it updates as statuses change:
+
+- a heap of the tasks whose dependencies are all DONE, by Luigi's rank
+  (priority, then the oldest first). An entry is checked again when it
+  reaches the top, and dropped there if it went stale;
+- for each task, where in its dependencies the first one not yet DONE is, so
+  a task with thousands of them is not rescanned each time one finishes;
+- the set of tasks ``count_pending`` counts;
+- a prune at most once a second (or less often when pruning is slow), not on
+  every call.
+
+It answers from that bookkeeping only where Luigi's own ``get_work`` takes its
+"trivial worker" branch and nothing else is involved: a single worker ever,
+not an assistant, no task with resources, no batcher, not paused (and, for
+the counts, no DISABLED task). Everywhere else it calls Luigi's own method,
+so those cases are Luigi's by construction. ``tests/test_scheduler.py``
+drives this and Luigi's scheduler through the same random histories and
+compares every reply, and ``scripts/luigi-scheduler-tests`` runs Luigi's own
+scheduler tests against this class.
+
+Like ``dispatch.py`` for the worker, this is the one module that reads the
+scheduler's internals: ``_state`` (``_tasks``, ``_status_tasks``,
+``_active_workers``, ``_task_batchers``), ``_paused``, ``_config``,
+``_update_worker``, ``_update_priority``, ``_rank``, ``_schedulable``,
+``_reset_orphaned_batch_running_tasks`` and ``_update_task_history``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import defaultdict
+from typing import Any
+
+from luigi import scheduler as luigi_scheduler
+from luigi.task_status import DISABLED, DONE, FAILED, PENDING, RUNNING
+
+PRUNE_EVERY = 1.0  # seconds, at least, between two prunes from get_work
+PRUNE_SHARE = 0.05  # and pruning takes at most this share of the time
+
+
+class _ObservedState(luigi_scheduler.SimpleTaskState):
+    """Luigi's task state, telling the scheduler of every change it keeps books on."""
+
+    def __init__(self, state_path: str, on_task: Any, on_worker: Any, on_workers_removed: Any) -> None:
+        super().__init__(state_path)
+        self._on_task = on_task
+        self._on_worker = on_worker
+        self._on_workers_removed = on_workers_removed
+
+    def set_status(self, task: Any, new_status: str, config: Any = None) -> None:
+        super().set_status(task, new_status, config)
+        self._on_task(task.id)
+
+    def inactivate_tasks(self, delete_tasks: Any) -> None:
+        super().inactivate_tasks(delete_tasks)
+        for task_id in delete_tasks:
+            self._on_task(task_id)
+
+    def _remove_workers_from_tasks(self, workers: Any, remove_stakeholders: bool = True) -> None:
+        super()._remove_workers_from_tasks(workers, remove_stakeholders)
+        self._on_workers_removed()
+
+    def get_worker(self, worker_id: str) -> Any:
+        if worker_id not in self._active_workers:
+            self._on_worker(worker_id)
+        return super().get_worker(worker_id)
+
+
+class FastScheduler(luigi_scheduler.Scheduler):
+    """A drop-in for ``luigi.scheduler.Scheduler`` (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._changed: set[str] = set()  # task ids whose status, deps, workers or priority changed
+        observed = _ObservedState(self._config.state_path, self._task_changed, self._saw_worker, self._recount)
+        observed._metrics_collector = self._state._metrics_collector
+        self._state = observed
+        self._solo: str | None = None  # the one worker, while there has only been one
+        self._crowded = False  # a second worker came: Luigi's own methods from then on
+        self._resources_seen = False  # a task had resources: Luigi's own get_work from then on
+        self._ready: list[tuple[Any, ...]] = []  # heap of (-priority, time, order, task id)
+        self._queued: dict[str, tuple[Any, ...]] = {}  # task id -> its live entry in the heap
+        self._order: dict[str, int] = {}  # task id -> when it was first seen, the last tie-break
+        self._counter = itertools.count()
+        self._blockers: dict[str, list[Any]] = {}  # task id -> [its deps set, as a list, first not DONE]
+        self._dependents: defaultdict[str, set[str]] = defaultdict(set)
+        self._counted: set[str] = set()  # what count_pending counts: PENDING or FAILED, the solo's
+        self._timed_prune = False  # inside get_work: prune only when one is due
+        self._pruned_at = float("-inf")
+        self._prune_gap = PRUNE_EVERY
+        self._retry_due = float("inf")  # the first time a prune would bring back a FAILED or DISABLED task
+
+    # -- what changes the bookkeeping ---------------------------------------------------------
+
+    def _task_changed(self, task_id: str) -> None:
+        self._changed.add(task_id)
+        task = self._state.get_task(task_id)
+        if task is not None:
+            self._retry_due = min(self._retry_due, self._comes_back_at(task))
+
+    def _comes_back_at(self, task: Any) -> float:
+        """When a prune would make this FAILED task PENDING, or this DISABLED one FAILED."""
+        if task.status == FAILED and self._config.retry_delay >= 0:
+            return float(task.retry or time.time() + self._config.retry_delay)
+        if task.status == DISABLED and task.scheduler_disable_time is not None:
+            return float(task.scheduler_disable_time + self._config.disable_persist)
+        return float("inf")
+
+    def _saw_worker(self, worker_id: str) -> None:
+        if self._solo is None:
+            self._solo = worker_id
+        elif worker_id != self._solo:
+            self._crowded = True
+
+    def add_task(self, *args: Any, **kwargs: Any) -> None:
+        super().add_task(*args, **kwargs)
+        task_id: str = args[0] if args else kwargs["task_id"]
+        task = self._state.get_task(task_id)
+        if task is not None and task.resources:
+            self._resources_seen = True
+        self._changed.add(task_id)
+
+    def _update_priority(self, task: Any, prio: Any, worker: Any) -> None:
+        before = task.priority
+        super()._update_priority(task, prio, worker)  # recurses through this method for the deps
+        if task.priority != before:
+            self._changed.add(task.id)
+
+    def prune(self) -> None:
+        started = time.time()
+        if self._timed_prune and self._pruned_at <= started < min(self._pruned_at + self._prune_gap, self._retry_due):
+            return  # not due yet (a clock set back makes it due)
+        super().prune()
+        self._pruned_at = time.time()
+        self._prune_gap = max(PRUNE_EVERY, (self._pruned_at - started) / PRUNE_SHARE)
+        waiting = self._state.get_active_tasks_by_status(FAILED, DISABLED)
+        self._retry_due = min((self._comes_back_at(task) for task in waiting), default=float("inf"))
+
+    def load(self) -> None:
+        super().load()
+        if self._state._active_workers:
+            self._crowded = True  # whose tasks are whose is not worth rebuilding: Luigi's way
+        self._changed.update(self._state._tasks)
+
+    # -- the answers --------------------------------------------------------------------------
+
+    def get_work(self, host: Any = None, assistant: bool = False, current_tasks: Any = None,
+                 worker: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+        self._timed_prune = True
+        try:
+            if self._config.prune_on_get_work:
+                self.prune()
+            worker_id = worker
+            worker = self._update_worker(worker_id, worker_reference={"host": host}, get_work=True)
+            if assistant:
+                self.add_worker(worker_id, [("assistant", assistant)])
+            if self._trivial(worker_id, worker):
+                return self._get_work(worker_id, host, current_tasks)
+            return super().get_work(
+                host=host, assistant=assistant, current_tasks=current_tasks, worker=worker_id, **kwargs
+            )
+        finally:
+            self._timed_prune = False
+
+    def count_pending(self, worker: Any) -> Any:
+        if not self._answers_for(worker) or self._state._status_tasks[DISABLED]:
+            return super().count_pending(worker)
+        self._absorb_changes()
+        state = self._state
+        running = []
+        for task in state.get_worker(worker).get_tasks(state, RUNNING):
+            other_worker = state.get_worker(task.worker_running)
+            if other_worker is not None:
+                more_info = {"task_id": task.id, "worker": str(other_worker)}
+                more_info.update(other_worker.info)
+                running.append(more_info)
+        pending = len(self._counted)  # one worker: every pending task is its alone, and its last
+        return {
+            "n_pending_tasks": pending,
+            "n_unique_pending": pending,
+            "n_pending_last_scheduled": pending,
+            "worker_state": state.get_worker(worker).state,
+            "running_tasks": running,
+        }
+
+    def _answers_for(self, worker_id: str) -> bool:
+        return not self._crowded and worker_id == self._solo
+
+    def _trivial(self, worker_id: str, worker: Any) -> bool:
+        """Luigi's trivial-worker branch, and no batcher: what _get_work answers for."""
+        if not self._answers_for(worker_id) or self._paused or self._resources_seen:
+            return False
+        return bool(worker.enabled and not worker.assistant and not self._state._task_batchers.get(worker_id))
+
+    def _get_work(self, worker_id: str, host: Any, current_tasks: Any) -> dict[str, Any]:
+        """Luigi's get_work in its trivial-worker branch, with no batcher (its code, shortened)."""
+        best_task = None
+        if current_tasks is not None:
+            ct_set = set(current_tasks)
+            for task in sorted(self._state.get_active_tasks_by_status(RUNNING), key=self._rank):
+                if task.worker_running == worker_id and task.id not in ct_set:
+                    best_task = task
+            self._reset_orphaned_batch_running_tasks(worker_id)
+        if best_task is None:
+            best_task = self._best_ready(worker_id)
+
+        reply = self.count_pending(worker_id)
+        if best_task is None:
+            reply["task_id"] = None
+            return reply
+        self.update_metrics_task_started(best_task)
+        self._state.set_status(best_task, RUNNING, self._config)
+        best_task.worker_running = worker_id
+        best_task.resources_running = best_task.resources.copy()
+        best_task.time_running = time.time()
+        self._update_task_history(best_task, RUNNING, host=host)
+        reply["task_id"] = best_task.id
+        reply["task_family"] = best_task.family
+        reply["task_module"] = getattr(best_task, "module", None)
+        reply["task_params"] = best_task.params
+        return reply
+
+    def _best_ready(self, worker_id: str) -> Any:
+        """The highest-ranked PENDING task of the worker whose dependencies are all DONE."""
+        self._absorb_changes()
+        while self._ready:
+            entry = self._ready[0]
+            task_id = entry[-1]
+            if self._queued.get(task_id) is not entry:
+                heapq.heappop(self._ready)  # superseded by a newer entry of the same task
+                continue
+            task = self._state.get_task(task_id)
+            if (task is not None and task.status == PENDING and worker_id in task.workers
+                    and self._key(task) == entry[:-1] and self._schedulable(task)):  # fmt: skip
+                return task
+            heapq.heappop(self._ready)
+            del self._queued[task_id]
+            if task is not None and task_id in self._blockers:
+                self._blockers[task_id][2] = 0  # a dependency went back from DONE: look again from the start
+        return None
+
+    # -- the bookkeeping ----------------------------------------------------------------------
+
+    def _absorb_changes(self) -> None:
+        get_task = self._state.get_task
+        while self._changed:
+            task_id = self._changed.pop()
+            task = get_task(task_id)
+            self._count(task_id, task)
+            if task is None:
+                self._blockers.pop(task_id, None)  # pruned
+                continue
+            if task.status == PENDING:
+                self._consider(task)
+            elif task.status == DONE:
+                for dependent_id in self._dependents.get(task_id, ()):
+                    dependent = get_task(dependent_id)
+                    if dependent is not None and dependent.status == PENDING:
+                        self._consider(dependent)
+
+    def _consider(self, task: Any) -> None:
+        """Queue a PENDING task if its dependencies are all DONE (or requeue it at a new rank)."""
+        if not self._deps_done(task):
+            return
+        key = self._key(task)
+        entry = self._queued.get(task.id)
+        if entry is not None and entry[:-1] == key:
+            return
+        entry = (*key, task.id)
+        self._queued[task.id] = entry
+        heapq.heappush(self._ready, entry)
+
+    def _key(self, task: Any) -> tuple[Any, ...]:
+        if task.id not in self._order:
+            self._order[task.id] = next(self._counter)
+        return (-task.priority, task.time, self._order[task.id])
+
+    def _deps_done(self, task: Any) -> bool:
+        blocker = self._blockers.get(task.id)
+        deps = task.deps or ()
+        if blocker is None or blocker[0] is not deps or len(blocker[1]) != len(deps):
+            blocker = self._blockers[task.id] = [deps, list(deps), 0]
+            for dep in blocker[1]:
+                self._dependents[dep].add(task.id)
+        _, ordered, i = blocker
+        while i < len(ordered):
+            dep = self._state.get_task(ordered[i])
+            if dep is None or dep.status != DONE:
+                break
+            i += 1
+        blocker[2] = i
+        return i == len(ordered)
+
+    def _count(self, task_id: str, task: Any) -> None:
+        if task is not None and task.status in (PENDING, FAILED) and self._solo in task.workers:
+            self._counted.add(task_id)
+        else:
+            self._counted.discard(task_id)
+
+    def _recount(self) -> None:
+        """After workers left tasks (pruned or disabled): which tasks count is not known any more."""
+        self._counted = {
+            task.id for task in self._state.get_active_tasks_by_status(PENDING, FAILED) if self._solo in task.workers
+        }

@@ -1,0 +1,35 @@
+"""A pytest plugin for Luigi's own tests: every ``Scheduler`` they build is a FastScheduler.
+
+It also counts how often FastScheduler answered from its own bookkeeping, and writes
+the count to the file named by ``LUIGI_CELERY_FAST_CALLS``, so the test that runs
+Luigi's suite can tell that the fast path was exercised, not only the fallbacks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import luigi.scheduler
+
+from luigi_celery.scheduler import FastScheduler
+
+luigi.scheduler.Scheduler = FastScheduler  # before the test modules import it by name
+
+_fast_calls = 0
+_own_get_work = FastScheduler._get_work
+
+
+def _counted_get_work(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    global _fast_calls
+    _fast_calls += 1
+    return _own_get_work(self, *args, **kwargs)
+
+
+FastScheduler._get_work = _counted_get_work  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config):  # type: ignore[no-untyped-def]
+    path = os.environ.get("LUIGI_CELERY_FAST_CALLS")
+    if path:
+        with open(path, "w") as out:
+            out.write(str(_fast_calls))
