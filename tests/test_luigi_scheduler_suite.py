@@ -25,8 +25,10 @@ SUITES = [
     "execution_summary_test.py",
     "task_running_resources_test.py",
 ]
-# These fail on Luigi's own scheduler here too, for reasons of the environment.
+# These fail on Luigi's own scheduler here too.
 FAILING_WITHOUT_US = [
+    # must finish within 4 s: Luigi skips it on GitHub Actions, and it fails here under load
+    "task_running_resources_test.py::ConcurrentRunningResourcesTest::test_tasks_parallel",
     "scheduler_test.py::SchedulerIoTest::test_datadog_metrics_collector",  # needs the datadog package
     "scheduler_test.py::SchedulerIoTest::test_has_task_history",  # Luigi's history and SQLAlchemy 2
     # imports a module by a path that only Luigi's own tox layout provides
