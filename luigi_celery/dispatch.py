@@ -1,7 +1,7 @@
 """The Luigi seam: a Luigi worker whose "processes" are Celery messages.
 
 This is the ONLY module that touches Luigi's private API:
-``Worker._create_task_process``, ``Worker._task_result_queue``,
+``Worker._create_task_process``, ``Worker._task_result_queue``, ``Worker._task_completion_cache``,
 ``Worker._scheduled_tasks``, ``Worker._add_task``, ``interface._WorkerSchedulerFactory``,
 ``interface._run`` and ``execution_summary._summary_dict/_root_task``.
 ``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
@@ -9,7 +9,10 @@ This is the ONLY module that touches Luigi's private API:
 
 Luigi keeps doing everything else: resolving the DAG, asking its scheduler
 for work, keeping ``--workers`` tasks in flight, handling results, dynamic
-dependencies, the execution summary.
+dependencies, the execution summary. Tasks with nothing to run (a
+WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
+--workers 1``. (The local scheduler's internals are touched in
+``scheduler.py`` only.)
 """
 
 from __future__ import annotations
@@ -214,14 +217,34 @@ class CeleryWorker(luigi.worker.Worker):
         if self._progress is not None:
             self._progress.progress.reported(kwargs["task_id"], kwargs["status"])
 
-    def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess:
+    def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess | luigi.worker.TaskProcess:
         if self._progress is not None:
             self._progress.progress.started(task.task_id)
         reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
+        if nothing_to_run(task):
+            return self._in_process(task, reporter)
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
         return CeleryTaskProcess(
             task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure
         )
+
+    def _in_process(self, task: luigi.Task, reporter: luigi.worker.TaskStatusReporter) -> luigi.worker.TaskProcess:
+        """Luigi's own task process, run here as ``luigi --workers 1`` runs it: no broker round trip.
+
+        Its checks, events, ``on_success`` and result are Luigi's; its result goes on the
+        same queue as the replies from Celery."""
+        process = luigi.worker.TaskProcess(
+            task,
+            self._id,
+            self._task_result_queue,
+            reporter,
+            check_unfulfilled_deps=self._config.check_unfulfilled_deps,
+            check_complete_on_run=self._config.check_complete_on_run,
+            task_completion_cache=self._task_completion_cache,
+        )
+        process.use_multiprocessing = False  # a worker_timeout would make Luigi fork: nothing runs to time out
+        process.timeout_time = None
+        return process
 
     def _record_failure(self, task_id: str, result: m.ResultMessage) -> None:
         self.failures[task_id] = result
@@ -280,6 +303,14 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
             progress=self.progress,
         )
         return self.worker
+
+
+def nothing_to_run(task: luigi.Task) -> bool:
+    """True for a task that keeps Luigi's empty ``run()``, as a WrapperTask does.
+
+    The dispatcher finishes those itself: sending them to a worker would cost a
+    broker round trip (and a worker's slot) for nothing."""
+    return type(task).run is luigi.Task.run
 
 
 def root_task_id(argv: list[str]) -> str | None:

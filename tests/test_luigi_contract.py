@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import queue
 import textwrap
 import threading
@@ -20,11 +21,19 @@ import time
 
 import luigi
 import luigi.interface
+import luigi.scheduler
 import luigi.worker
 import pytest
+from luigi.event import Event
 
 from luigi_celery import message as m
-from luigi_celery.dispatch import CeleryTaskProcess, CeleryWorker, CeleryWorkerSchedulerFactory, ResultQueue
+from luigi_celery.dispatch import (
+    CeleryTaskProcess,
+    CeleryWorker,
+    CeleryWorkerSchedulerFactory,
+    ResultQueue,
+    nothing_to_run,
+)
 
 # Every attribute Luigi reads from the object _create_task_process returns.
 CONTRACT = {
@@ -42,7 +51,8 @@ CONTRACT = {
 
 # The private Worker attributes luigi_celery.dispatch relies on.
 PRIVATE_WORKER_API = (
-    "_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config", "_add_task"
+    "_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config", "_add_task",
+    "_task_completion_cache", "_id",
 )  # fmt: skip
 
 
@@ -106,6 +116,32 @@ def test_the_private_worker_api_we_use_still_exists():
     assert hasattr(luigi.interface, "_WorkerSchedulerFactory")
     assert inspect.signature(luigi.interface._run).parameters.get("worker_scheduler_factory") is not None
     assert list(inspect.signature(luigi.worker.Worker._create_task_process).parameters) == ["self", "task"]
+    # what the dispatcher hands Luigi's own TaskProcess, for tasks with nothing to run
+    taken = inspect.signature(luigi.worker.TaskProcess).parameters
+    assert {"check_unfulfilled_deps", "check_complete_on_run", "task_completion_cache"} <= set(taken)
+    assert list(taken)[:4] == ["task", "worker_id", "result_queue", "status_reporter"]
+
+
+# The scheduler's internals luigi_celery.scheduler relies on.
+PRIVATE_SCHEDULER_API = (
+    "_state", "_config", "_paused", "_update_worker", "_update_priority", "_rank", "_schedulable",
+    "_reset_orphaned_batch_running_tasks", "_update_task_history",
+)  # fmt: skip
+PRIVATE_STATE_API = ("_tasks", "_status_tasks", "_active_workers", "_task_batchers", "_remove_workers_from_tasks",
+                     "_metrics_collector")  # fmt: skip
+
+
+def test_the_private_scheduler_api_we_use_still_exists():
+    sch = luigi.scheduler.Scheduler()
+    for name in PRIVATE_SCHEDULER_API:
+        assert hasattr(sch, name), name
+    for name in PRIVATE_STATE_API:
+        assert hasattr(sch._state, name), name
+    # FastScheduler overrides these by name: a rename in Luigi would bypass it silently
+    for name in ("add_task", "get_work", "count_pending", "prune", "load", "_update_priority"):
+        assert callable(getattr(luigi.scheduler.Scheduler, name)), name
+    for name in ("set_status", "get_worker", "inactivate_tasks"):
+        assert callable(getattr(luigi.scheduler.SimpleTaskState, name)), name
 
 
 # --- at run time -------------------------------------------------------------
@@ -117,6 +153,9 @@ class ContractLeaf(luigi.Task):
 
     def complete(self):
         return self.task_id in self.done
+
+    def run(self):  # never called: the sender stands in for a worker
+        raise AssertionError("ran in the dispatcher")
 
 
 class ContractRoot(luigi.WrapperTask):
@@ -164,7 +203,8 @@ class RecordingWorker(CeleryWorker):
     def _create_task_process(self, task):
         RecordingWorker.hook_calls += 1
         real = super()._create_task_process(task)
-        real.__class__ = RecordingProcess
+        if isinstance(real, CeleryTaskProcess):  # not Luigi's own, for tasks with nothing to run
+            real.__class__ = RecordingProcess
         return real
 
 
@@ -190,7 +230,7 @@ def test_luigi_calls_our_hook_for_every_task_and_reads_only_the_contract(recordi
     # Then every leaf went through our hook and our sender, and the run succeeded
     leaves = {ContractLeaf(n=i).task_id for i in range(3)}
     assert leaves <= set(sender.sent)
-    assert RecordingWorker.hook_calls == len(sender.sent)
+    assert RecordingWorker.hook_calls == len(sender.sent) + 1  # the wrapper finished here
     assert result.status == luigi.LuigiStatusCode.SUCCESS
     # and Luigi read nothing from our process objects outside the contract
     assert RecordingProcess.reads <= CONTRACT, RecordingProcess.reads - CONTRACT
@@ -238,6 +278,35 @@ def test_a_task_that_waits_on_purpose_does_not_take_one_of_luigis_slots():
     # Then it sent the other two while the first one waited (Luigi re-reads worker_processes)
     assert sender.released_because == "all were sent"
     assert result is True
+
+
+def test_a_wrapper_is_finished_in_the_dispatcher_with_luigis_events(recording_factory):
+    factory, sender = recording_factory
+    seen = []
+
+    class EventfulRoot(ContractRoot):
+        pass
+
+    for event in (Event.START, Event.SUCCESS):
+        EventfulRoot.event_handler(event)(lambda task, event=event: seen.append((event, task.task_id, os.getpid())))
+    # When Luigi runs leaves under a wrapper
+    result = luigi.build([EventfulRoot()], worker_scheduler_factory=factory, local_scheduler=True, workers=2,
+                         detailed_summary=True)  # fmt: skip
+    # Then the leaves went to the sender, the wrapper did not, and it succeeded here, with its events
+    root = EventfulRoot().task_id
+    assert root not in sender.sent and len(sender.sent) == 3
+    assert result.status == luigi.LuigiStatusCode.SUCCESS
+    assert seen == [(Event.START, root, os.getpid()), (Event.SUCCESS, root, os.getpid())]
+
+
+def test_only_tasks_that_keep_luigis_empty_run_are_finished_here():
+    class Overrides(luigi.WrapperTask):
+        def run(self):
+            print("something")
+
+    assert nothing_to_run(ContractRoot()) and nothing_to_run(luigi.Task())
+    assert not nothing_to_run(ContractLeaf(n=1)) and not nothing_to_run(Overrides())
+    assert not nothing_to_run(luigi.ExternalTask())
 
 
 def test_wake_makes_a_waiting_get_give_up_at_once():
