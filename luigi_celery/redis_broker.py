@@ -1,4 +1,5 @@
-"""kombu's Redis transport, made to survive losing Redis while it holds unacknowledged messages.
+"""kombu's Redis transport, made to survive losing Redis while it holds unacknowledged messages,
+and to publish without building a client each time.
 
 With Celery 5.7 and kombu 5.7, a worker that loses its Redis connection while
 it holds an unacknowledged message (a running task, or one waiting out its
@@ -28,6 +29,18 @@ from kombu.transport import redis as kombu_redis
 
 
 class Channel(kombu_redis.Channel):
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        # kombu builds a new redis client for every publish; building one (its table of
+        # response callbacks) cost more than the publish itself. A client is only a handle
+        # on the connection pool and is thread-safe, so keep one per pool.
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        pool = self.pool
+        cached = self.__dict__.get("_sync_client")
+        if cached is None or cached[0] is not pool:
+            cached = self._sync_client = (pool, super()._create_client())
+        return cached[1]
+
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:  # the connection was closed before this channel
             raise redis.ConnectionError("the broker connection is already closed")

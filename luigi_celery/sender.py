@@ -41,6 +41,9 @@ from luigi_celery.store import Store, died_here, owner_here
 
 logger = logging.getLogger(__name__)
 
+# How much of a task's message Flower shows (Celery's own default).
+KWARGSREPR_MAX = 1024
+
 # How long closing a run waits for the coordination store.
 STORE_CLOSE_TIMEOUT = 5.0
 
@@ -325,10 +328,14 @@ class Sender:
     def _send(self, tracked: Tracked, celery_id: str) -> None:
         task_id = tracked.msg.task_id
         tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
+        kwargs = {"message": tracked.msg.to_dict()}
         try:
             self.app.send_task(
                 m.TASK_NAME,
-                kwargs={"message": tracked.msg.to_dict()},
+                kwargs=kwargs,
+                # what Flower shows; Celery's own saferepr of it cost more than the publish
+                argsrepr="()",
+                kwargsrepr=repr(kwargs)[:KWARGSREPR_MAX],
                 task_id=celery_id,
                 shadow=task_id,
                 ignore_result=self.settings.result_backend is None,

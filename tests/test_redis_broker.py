@@ -41,3 +41,25 @@ def test_closing_a_channel_after_its_connection_raises_only_a_connection_error(b
     with redis.Redis.from_url(REDIS_URL) as r:
         assert any(queue.name.encode() in v for v in r.hvals("unacked"))
         r.delete(queue.name)
+
+
+def test_publishing_reuses_one_client_per_connection_pool(brokers):
+    conn = Connection(REDIS_URL, transport=TRANSPORT)
+    try:
+        channel = conn.channel()
+        queue = Queue(f"lc-test-{uuid.uuid4().hex[:10]}", routing_key="x")
+        # Given a channel that published twice
+        with conn.Producer(channel) as producer:
+            for n in range(2):
+                producer.publish({"n": n}, exchange="", routing_key=queue.name, declare=[queue], serializer="json")
+        first = channel._create_client()
+        # Then it used one client, not one per message, and both messages arrived
+        assert channel._create_client() is first
+        assert [queue(channel).get(no_ack=True).payload["n"] for _ in range(2)] == [0, 1]
+        # and a pool made again (after a lost connection) gets a client of its own
+        channel._pool = None
+        assert channel._create_client() is not first
+        assert channel._create_client().connection_pool is channel.pool
+        queue(channel).delete()
+    finally:
+        conn.release()
