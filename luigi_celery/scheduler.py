@@ -158,14 +158,12 @@ class FastScheduler(luigi_scheduler.Scheduler):
             if self._config.prune_on_get_work:
                 self.prune()
             worker_id = worker
-            worker = self._update_worker(worker_id, worker_reference={"host": host}, get_work=True)
-            if assistant:
-                self.add_worker(worker_id, [("assistant", assistant)])
-            if self._trivial(worker_id, worker):
-                return self._get_work(worker_id, host, current_tasks)
-            return super().get_work(
-                host=host, assistant=assistant, current_tasks=current_tasks, worker=worker_id, **kwargs
-            )
+            if assistant or not self._trivial(worker_id, self._state.get_worker(worker_id)):
+                return super().get_work(
+                    host=host, assistant=assistant, current_tasks=current_tasks, worker=worker_id, **kwargs
+                )
+            self._update_worker(worker_id, worker_reference={"host": host}, get_work=True)
+            return self._get_work(worker_id, host, current_tasks)
         finally:
             self._timed_prune = False
 

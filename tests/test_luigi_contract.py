@@ -285,7 +285,7 @@ def test_a_wrapper_is_finished_in_the_dispatcher_with_luigis_events(recording_fa
     seen = []
 
     class EventfulRoot(ContractRoot):
-        pass
+        """ContractRoot with handlers of its own: handlers stay on the class they are added to."""
 
     for event in (Event.START, Event.SUCCESS):
         EventfulRoot.event_handler(event)(lambda task, event=event: seen.append((event, task.task_id, os.getpid())))
