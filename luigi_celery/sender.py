@@ -36,6 +36,7 @@ from luigi_celery.pacing import Pacer, Waits
 from luigi_celery.queues import QueueDepthCollector
 from luigi_celery.ratelimit import Limiter, MemoryLimiter
 from luigi_celery.results import ResultWatcher, publish_retry_policy, reply_queue, reply_queue_name
+from luigi_celery.sent_events import SentEvents
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
 from luigi_celery.store import Store, died_here, owner_here
 
@@ -119,6 +120,8 @@ class Sender:
             app, self.reply_to, self._on_reply, self._tick, on_lost=self.fail_all, tolerance=settings.outage_tolerance
         )
         self._retry_policy = publish_retry_policy(settings.outage_tolerance)
+        # Celery's task-sent events (for Flower), sent in batches by a thread of their own.
+        self._sent_events = SentEvents(app) if app.conf.task_send_sent_event else None
         self._monitor = Monitor(
             self.run_id,
             store,
@@ -152,6 +155,8 @@ class Sender:
         if self.store is not None:
             self._claim_run()
         self._pacer.start()
+        if self._sent_events is not None:
+            self._sent_events.start()
         self._watcher.start()
         if not self._watcher.ready.wait(self.settings.connect_timeout):
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
@@ -181,6 +186,8 @@ class Sender:
         self._monitor.stop()
         self._pacer.stop()
         self._revoke_marked()
+        if self._sent_events is not None:
+            self._sent_events.close()
         if self.store is not None:
             # Not for long: the store may be what failed the run. Left undone, the claim
             # expires by itself, and a later run re-checks the tasks it would adopt.
@@ -341,6 +348,7 @@ class Sender:
                 ignore_result=self.settings.result_backend is None,
                 retry=True,
                 retry_policy=self._retry_policy,
+                event_dispatcher=self._sent_events,
                 **tracked.publish_options,
             )
         except Exception as e:
