@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -62,12 +63,17 @@ class LuigiTaskFailed(Exception):
 FAILURE_TEXT_LIMIT = 4000
 
 
-def _ended(result: m.ResultMessage) -> dict[str, Any]:
-    """What the execute task returns for ``result``, which has been published: a FAILED one raises."""
+def _ended(result: m.ResultMessage) -> str:
+    """What the execute task returns for ``result``, which has been published: a FAILED one raises.
+
+    The dispatcher reads the reply, not this: it is what Flower shows as the result, and
+    Celery reprs it twice a task (the log line, the succeeded event), so it is kept short."""
     if result.status == m.FAILED:
         text = result.expl or f"{result.task_id} failed"
         raise LuigiTaskFailed(text if len(text) <= FAILURE_TEXT_LIMIT else "..." + text[-FAILURE_TEXT_LIMIT:])
-    return result.to_dict()
+    if result.new_deps:
+        return f"{result.status}: {len(result.new_deps)} new dependencies"
+    return result.status
 
 
 class RemoteStatusReporter:
@@ -258,25 +264,60 @@ def _already_complete(task: luigi.Task) -> bool:
         return False  # let the run itself meet (and report) the error
 
 
-class _Heartbeat(threading.Thread):
-    """Keeps a run lock alive while its task runs."""
+class _Heartbeats:
+    """Keeps alive every run lock this process holds, from one thread.
 
-    def __init__(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
-        super().__init__(name=f"luigi-celery-heartbeat-{task_id[:40]}", daemon=True)
-        self._store, self._task_id, self._owner, self._ttl = store, task_id, owner, ttl
-        self._stopping = threading.Event()
+    A thread per task cost as much as the lock itself; this one is started on
+    first use in each process (a forked pool child starts its own).
+    """
 
-    def run(self) -> None:
-        while not self._stopping.wait(self._ttl / HEARTBEATS_PER_TTL):
-            try:
-                if not self._store.refresh(self._task_id, self._owner, self._ttl):
-                    logger.error("lost the run lock of %s: another worker may start it", self._task_id)
-                    return
-            except Exception as e:  # the store is away for a moment: try again next beat
-                logger.warning("could not refresh the run lock of %s: %s", self._task_id, e)
+    def __init__(self) -> None:
+        # (store, task id) -> (owner, TTL, next beat on the monotonic clock)
+        self._held: dict[tuple[int, str], tuple[Store, str, float, float]] = {}
+        self._changed = threading.Condition()
+        self._pid: int | None = None
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def hold(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
+        with self._changed:
+            self._held[(id(store), task_id)] = (store, owner, ttl, time.monotonic() + ttl / HEARTBEATS_PER_TTL)
+            if self._pid != os.getpid():  # first use in this process
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="luigi-celery-heartbeats", daemon=True).start()
+            self._changed.notify()
+
+    def drop(self, store: Store, task_id: str) -> None:
+        with self._changed:
+            self._held.pop((id(store), task_id), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [(key, held) for key, held in self._held.items() if held[3] <= now]
+                if not due:
+                    soonest = min((held[3] for held in self._held.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - now)
+                    continue
+                for key, (store, owner, ttl, _) in due:
+                    self._held[key] = (store, owner, ttl, now + ttl / HEARTBEATS_PER_TTL)
+            for (_, task_id), (store, owner, ttl, _) in due:
+                self._beat(store, task_id, owner, ttl)
+
+    def _beat(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
+        try:
+            if not store.refresh(task_id, owner, ttl):
+                with self._changed:  # unless the task has just ended and let it go
+                    held = self._held.get((id(store), task_id))
+                    lost = held is not None and held[1] == owner
+                    if lost:
+                        del self._held[(id(store), task_id)]
+                if lost:
+                    logger.error("lost the run lock of %s: another worker may start it", task_id)
+        except Exception as e:  # the store is away for a moment: try again next beat
+            logger.warning("could not refresh the run lock of %s: %s", task_id, e)
+
+
+_heartbeats = _Heartbeats()
 
 
 @contextlib.contextmanager
@@ -303,12 +344,11 @@ def run_lock(store: Store | None, msg: m.TaskMessage, ttl: float) -> Iterator[Le
         logger.warning("not running %s: it is already running as %s", msg.celery_id, lease.holder)
         yield lease
         return
-    heartbeat = _Heartbeat(store, msg.task_id, owner, ttl)
-    heartbeat.start()
+    _heartbeats.hold(store, msg.task_id, owner, ttl)
     try:
         yield lease
     finally:
-        heartbeat.stop()
+        _heartbeats.drop(store, msg.task_id)
         try:
             store.release(msg.task_id, owner)
         except Exception as e:  # it expires by itself
@@ -408,7 +448,7 @@ def register_execute(
         reject_on_worker_lost=True,
         throws=(LuigiTaskFailed,),  # an expected outcome: Celery logs it without its own traceback
     )
-    def execute(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def execute(self: Task, *args: Any, **kwargs: Any) -> str:
         try:
             if args or set(kwargs) != {"message"}:
                 raise MessageError("expected exactly one keyword argument, 'message'")
@@ -447,7 +487,7 @@ def register_execute(
         with run_lock(store, msg, lock_ttl) as lease:
             if lease.holder is not None:
                 delivery.finished("duplicate")
-                return {"duplicate": msg.celery_id}
+                return f"duplicate: {msg.task_id} is already running as {lease.holder}"
             # A repeat delivery (a later attempt, a redelivered message, an id seen
             # started before) may find its work done: then it answers DONE, not runs.
             # A first delivery always runs, as under stock Luigi (a wrapper task is

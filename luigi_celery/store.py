@@ -14,11 +14,13 @@ Lua scripts, expiry on the Redis server's clock) and :class:`MemoryStore`
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import redis
 import tenacity
@@ -34,12 +36,30 @@ START_MARK_TTL = 7 * 24 * 3600
 # jitter, for this long: a Redis restart is not a reason to fail a task.
 OUTAGE_TOLERANCE = 30.0
 
-ride_out_outages = tenacity.retry(
-    retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError)
+_retry_through_outages = tenacity.retry(
+    retry=tenacity.retry_if_exception_type(_OUTAGE),
     wait=tenacity.wait_exponential_jitter(initial=0.2, max=3.0),
     stop=tenacity.stop_after_delay(OUTAGE_TOLERANCE),
     reraise=True,
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def ride_out_outages(fn: F) -> F:
+    """``fn``, retried through an outage. The first call goes straight through: tenacity's
+    machinery cost as much as the Redis call itself, and is only needed once a call failed."""
+    retrying = _retry_through_outages(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _OUTAGE:
+            return retrying(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def lock_key(task_id: str) -> str:
