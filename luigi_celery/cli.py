@@ -45,6 +45,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         return port_number(text)
@@ -102,6 +112,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--connect-timeout", type=_positive_float, metavar="SECONDS", help="give up reaching the broker after this long"
     )
+    run.add_argument(
+        "--complete-checks",
+        type=_positive_int,
+        metavar="N",
+        help="run up to N complete() checks at once while resolving the DAG, in threads "
+        "(default 1: one at a time, as Luigi does; more only if complete() is thread-safe)",
+    )
     _add_metrics_flag(run)
 
     worker = commands.add_parser(
@@ -144,6 +161,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "redis_url": args.redis_url,
         "connect_timeout": getattr(args, "connect_timeout", None),
         "queue_timeout": getattr(args, "queue_timeout", None),
+        "complete_checks": getattr(args, "complete_checks", None),
         "metrics_port": getattr(args, "metrics_port", None),
     }
     include = getattr(args, "include", None)

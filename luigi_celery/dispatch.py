@@ -2,7 +2,8 @@
 
 This is the ONLY module that touches Luigi's private API:
 ``Worker._create_task_process``, ``Worker._task_result_queue``, ``Worker._task_completion_cache``,
-``Worker._scheduled_tasks``, ``Worker._add_task``, ``interface._WorkerSchedulerFactory``,
+``Worker._scheduled_tasks``, ``Worker._add_task``, ``Worker._add``, ``Worker._validate_task``,
+``interface._WorkerSchedulerFactory``,
 ``interface._run`` and ``execution_summary._summary_dict/_root_task``.
 ``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
 :class:`CeleryTaskProcess`, so a Luigi upgrade fails there, loudly.
@@ -17,10 +18,12 @@ WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import queue
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -189,8 +192,10 @@ class CeleryWorker(luigi.worker.Worker):
         sender: Sender,
         on_start: Callable[[set[str]], None] | None = None,
         progress: ProgressView | None = None,
+        complete_checks: int = 1,
         **kwargs: Any,
     ) -> None:
+        self.complete_checks = complete_checks
         self._sender = sender  # before Luigi's __init__, which sets worker_processes
         self._progress = progress  # before Luigi's __init__, which may report tasks
         super().__init__(scheduler, worker_id, worker_processes, assistant, **kwargs)
@@ -210,6 +215,52 @@ class CeleryWorker(luigi.worker.Worker):
     @worker_processes.setter
     def worker_processes(self, n: int) -> None:
         self.slots = int(n)  # set by Luigi's __init__, and by its set_worker_processes message
+
+    def add(self, task: luigi.Task, multiprocess: bool = False, processes: int = 0) -> bool:
+        if multiprocess or self.complete_checks <= 1:
+            return bool(super().add(task, multiprocess, processes))  # Luigi's own: one at a time, or processes
+        with concurrent.futures.ThreadPoolExecutor(self.complete_checks, "luigi-celery-complete") as pool:
+            try:
+                return self._add_with(task, pool)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _add_with(self, task: luigi.Task, pool: concurrent.futures.Executor) -> bool:
+        """Luigi's ``Worker.add`` with its complete() checks run in ``pool``, as Luigi runs them in
+        a process pool with ``--parallel-scheduling``: every other step stays in this thread.
+        (``test_luigi_contract`` pins the Luigi source this follows.)"""
+        if self._first_task is None and hasattr(task, "task_id"):
+            self._first_task = task.task_id
+        self.add_succeeded = True
+        results: queue.SimpleQueue[tuple[luigi.Task, Any]] = queue.SimpleQueue()
+
+        def check(task: luigi.Task) -> None:
+            luigi.worker.check_complete(task, results, self._task_completion_cache)
+
+        self._validate_task(task)
+        pool.submit(check, task)
+        waiting = 1
+        try:
+            seen = {task.task_id}
+            while waiting:
+                item, is_complete = results.get()
+                waiting -= 1
+                for dep in self._add(item, is_complete):
+                    if dep.task_id not in seen:
+                        self._validate_task(dep)
+                        seen.add(dep.task_id)
+                        pool.submit(check, dep)
+                        waiting += 1
+        except (KeyboardInterrupt, luigi.worker.TaskException):
+            raise
+        except Exception as ex:
+            self.add_succeeded = False
+            formatted_traceback = traceback.format_exc()
+            self._log_unexpected_error(task)
+            task.trigger_event(Event.BROKEN_TASK, task, ex)
+            self._email_unexpected_error(task, formatted_traceback)
+            raise
+        return self.add_succeeded
 
     def _add_task(self, *args: Any, **kwargs: Any) -> None:
         # Every status the worker tells the scheduler (scheduled, done, failed, ...) goes through here.
@@ -280,11 +331,13 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
         on_worker: Callable[[int], None] | None = None,
         on_start: Callable[[set[str]], None] | None = None,
         progress: ProgressView | None = None,
+        complete_checks: int = 1,
     ) -> None:
         self.sender = sender
         self.on_worker = on_worker
         self.on_start = on_start
         self.progress = progress
+        self.complete_checks = complete_checks
         self.worker: CeleryWorker | None = None
 
     def create_local_scheduler(self) -> FastScheduler:
@@ -301,6 +354,7 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
             sender=self.sender,
             on_start=self.on_start,
             progress=self.progress,
+            complete_checks=self.complete_checks,
         )
         return self.worker
 

@@ -115,7 +115,11 @@ def run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressVi
         sender.add_health_check(pool.problem)
 
     factory = CeleryWorkerSchedulerFactory(
-        sender, on_worker=start_sender, on_start=start_embedded_pool, progress=progress
+        sender,
+        on_worker=start_sender,
+        on_start=start_embedded_pool,
+        progress=progress,
+        complete_checks=settings.complete_checks,
     )
     try:
         code = run_with_retcodes(luigi_argv, factory)

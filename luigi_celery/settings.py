@@ -92,6 +92,8 @@ class Settings:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     outage_tolerance: float = DEFAULT_OUTAGE_TOLERANCE
+    # complete() checks run at once (threads) while Luigi resolves the DAG; 1 is Luigi's one at a time.
+    complete_checks: int = 1
     # RabbitMQ's management API, for the unacknowledged part of the queue depth
     # (default: http://<broker user>:<password>@<broker host>:15672/).
     rabbitmq_api_url: str | None = None
@@ -131,6 +133,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
 def port_number(value: str) -> int:
     """A TCP port, from a flag, an environment variable or the luigi config."""
     try:
@@ -159,6 +168,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_timeout": _positive_float,
     "visibility_timeout": _positive_float,
     "outage_tolerance": _positive_float,
+    "complete_checks": _positive_int,
     "metrics_port": port_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,

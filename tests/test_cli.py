@@ -47,6 +47,10 @@ def test_bad_flags_are_one_clear_error():
     assert no_transport.stdout.strip() == (
         "luigi-celery worker: error: unsupported broker URL foo://u:****@host/0: 'No such transport: foo'"
     )
+    no_checks = run_cli("run", "--complete-checks", "0", "--module", "examples.sales", "Report")
+    assert (
+        no_checks.returncode == 2 and "argument --complete-checks: must be a positive whole number" in no_checks.stdout
+    )
     extra = run_cli("check", "--bogus")
     assert extra.returncode == 2 and "unrecognized arguments: --bogus" in extra.stdout
 

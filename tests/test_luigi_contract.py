@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import os
 import queue
@@ -52,8 +53,12 @@ CONTRACT = {
 # The private Worker attributes luigi_celery.dispatch relies on.
 PRIVATE_WORKER_API = (
     "_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config", "_add_task",
-    "_task_completion_cache", "_id",
+    "_task_completion_cache", "_id", "_add", "_validate_task", "_log_unexpected_error", "_email_unexpected_error",
+    "_first_task", "add_succeeded",
 )  # fmt: skip
+
+# CeleryWorker._add_with follows Luigi's Worker.add of this source (Luigi 3.8.1); re-read it when this changes.
+LUIGI_WORKER_ADD_SHA256 = "df29ac40ebe34f10d133dce143aec059c99b05b3776795fc8078aa3967214707"
 
 
 def _process_attribute_reads(cls: type) -> set[str]:
@@ -120,6 +125,9 @@ def test_the_private_worker_api_we_use_still_exists():
     taken = inspect.signature(luigi.worker.TaskProcess).parameters
     assert {"check_unfulfilled_deps", "check_complete_on_run", "task_completion_cache"} <= set(taken)
     assert list(taken)[:4] == ["task", "worker_id", "result_queue", "status_reporter"]
+    # the loop the parallel complete() checks copy, and the function they call
+    assert hashlib.sha256(inspect.getsource(luigi.worker.Worker.add).encode()).hexdigest() == LUIGI_WORKER_ADD_SHA256
+    assert list(inspect.signature(luigi.worker.check_complete).parameters) == ["task", "out_queue", "completion_cache"]
 
 
 # The scheduler's internals luigi_celery.scheduler relies on.
@@ -319,3 +327,65 @@ def test_wake_makes_a_waiting_get_give_up_at_once():
     # and results queued after it are still handed out
     results.put(("id", "DONE", "", [], []))
     assert results.get(timeout=1)[0] == "id"
+
+
+class SlowCheck(luigi.Task):
+    """A leaf whose complete() takes a while (a remote store), and counts how many run at once."""
+
+    n = luigi.IntParameter()
+    fails = luigi.BoolParameter(default=False)
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def complete(self):
+        with SlowCheck.lock:
+            SlowCheck.running += 1
+            SlowCheck.most = max(SlowCheck.most, SlowCheck.running)
+        time.sleep(0.05)
+        with SlowCheck.lock:
+            SlowCheck.running -= 1
+        if self.fails:
+            raise OSError("the store is down")
+        return self.task_id in ContractLeaf.done
+
+    def run(self):
+        raise AssertionError("ran in the dispatcher")
+
+
+class SlowRoot(luigi.WrapperTask):
+    broken = luigi.BoolParameter(default=False)
+
+    def requires(self):
+        return [SlowCheck(n=i, fails=self.broken and i == 3) for i in range(12)]
+
+
+def _resolve(complete_checks, root):
+    sender = InstantSender()
+    factory = CeleryWorkerSchedulerFactory(sender, complete_checks=complete_checks)
+    ContractLeaf.done.clear()
+    SlowCheck.most = 0
+    result = luigi.build([root], worker_scheduler_factory=factory, local_scheduler=True, workers=2,
+                         detailed_summary=True)  # fmt: skip
+    return result, sorted(sender.sent), SlowCheck.most
+
+
+def test_complete_checks_run_at_once_only_when_asked():
+    # Given twelve leaves whose complete() is slow
+    # When Luigi resolves the DAG as it does, and with four checks at a time
+    alone, sent_alone, most_alone = _resolve(1, SlowRoot())
+    together, sent_together, most_together = _resolve(4, SlowRoot())
+    # Then Luigi's way checks one at a time, the other up to four at once
+    assert most_alone == 1
+    assert 1 < most_together <= 4
+    # and both send the same tasks and end the same way
+    assert sent_alone == sent_together and len(sent_together) == 12
+    assert alone.status == together.status == luigi.LuigiStatusCode.SUCCESS
+
+
+def test_a_complete_check_that_raises_ends_the_same_with_checks_at_once():
+    alone, sent_alone, _ = _resolve(1, SlowRoot(broken=True))
+    together, sent_together, _ = _resolve(4, SlowRoot(broken=True))
+    # Luigi's scheduling error for the broken leaf, the other eleven run, in both
+    assert alone.status == together.status == luigi.LuigiStatusCode.SCHEDULING_FAILED
+    assert sent_alone == sent_together and len(sent_together) == 11

@@ -129,6 +129,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         "LUIGI_CELERY_TASK_MODULES": " a.b , c,, d.e ",
         "LUIGI_CELERY_QUEUE": "from-env",
         "LUIGI_CELERY_CONNECT_TIMEOUT": "3",
+        "LUIGI_CELERY_COMPLETE_CHECKS": "8",
         "LUIGI_CELERY_EMBEDDED_DIR": "/tmp/from-env",
     }
 
@@ -142,6 +143,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         task_modules=("a.b", "c", "d.e"),
         queue="from-env",
         connect_timeout=3.0,
+        complete_checks=8,
         embedded_dir="/tmp/from-env",
     )
 
@@ -230,6 +232,8 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("metrics_port", "70000"),
         ("metrics_port", "http"),
         ("outage_tolerance", "0"),
+        ("complete_checks", "0"),
+        ("complete_checks", "2.5"),
     ],
 )
 def test_an_invalid_environment_variable_is_refused_by_name(no_luigi_config: None, name: str, text: str) -> None:
