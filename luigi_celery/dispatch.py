@@ -80,6 +80,8 @@ class ResultQueue:
 
     def __init__(self) -> None:
         self._items: queue.Queue[Any] = queue.Queue()
+        # Called when get() is about to wait: the sender publishes the batch Luigi's loop built up.
+        self.before_wait: Callable[[], None] = lambda: None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self._items.put(item)
@@ -93,8 +95,14 @@ class ResultQueue:
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            item = self._items.get(block=block, timeout=remaining)
+            try:
+                item = self._items.get_nowait()
+            except queue.Empty:
+                if not block:
+                    raise
+                self.before_wait()
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = self._items.get(timeout=remaining)
             if item is self._WAKE:
                 raise queue.Empty  # Luigi's worker treats it as a timeout and returns to its loop
             if not callable(item):
@@ -202,6 +210,7 @@ class CeleryWorker(luigi.worker.Worker):
         self._task_result_queue.close()  # the multiprocessing queue Luigi made: not needed
         self._task_result_queue = ResultQueue()
         sender.wake = self._task_result_queue.wake
+        self._task_result_queue.before_wait = sender.flush
         self._on_start = on_start
         sender.check_unfulfilled_deps = self._config.check_unfulfilled_deps
         sender.check_complete_on_run = self._config.check_complete_on_run

@@ -48,6 +48,10 @@ KWARGSREPR_MAX = 1024
 # How long closing a run waits for the coordination store.
 STORE_CLOSE_TIMEOUT = 5.0
 
+# Tasks Luigi's loop sends between two waits go out in one round trip, where the broker
+# allows it (Redis: one pipeline), up to this many at a time.
+PUBLISH_BATCH = 100
+
 
 class Flight(Protocol):
     """One Luigi task on its way to a worker, as the sender sees it."""
@@ -122,6 +126,11 @@ class Sender:
         self._retry_policy = publish_retry_policy(settings.outage_tolerance)
         # Celery's task-sent events (for Flower), sent in batches by a thread of their own.
         self._sent_events = SentEvents(app) if app.conf.task_send_sent_event else None
+        # Luigi's thread publishes through this producer, in batches (None: not yet, or not batching).
+        self._producer: Any = None
+        self._batching = True
+        self._batch: Any = None
+        self._batched: list[tuple[Tracked, str]] = []
         self._monitor = Monitor(
             self.run_id,
             store,
@@ -185,6 +194,10 @@ class Sender:
         self._watcher.stop()
         self._monitor.stop()
         self._pacer.stop()
+        # A batch left here was never published: the run was cut short, and Luigi has given up on its tasks.
+        self._end_batch(discard=True)
+        if self._producer is not None:
+            self._producer.release()
         self._revoke_marked()
         if self._sent_events is not None:
             self._sent_events.close()
@@ -250,7 +263,7 @@ class Sender:
         if self._adopt(tracked):
             return
         if options.rate is None:
-            self._publish(tracked)
+            self._publish(tracked, batched=True)
             return
         # Reserve the start's slot before publishing, and publish when it is due: workers get
         # rate-limited tasks spread out, not in a burst. The slot travels with the task; a
@@ -306,8 +319,10 @@ class Sender:
         tracked.hold_until = 0.0
         self._publish(tracked)
 
-    def _publish(self, tracked: Tracked, delay: float = 0.0) -> None:
-        """Publish a new attempt of ``tracked``, now or ``delay`` seconds from now (its rate slot)."""
+    def _publish(self, tracked: Tracked, delay: float = 0.0, batched: bool = False) -> None:
+        """Publish a new attempt of ``tracked``, now or ``delay`` seconds from now (its rate slot).
+
+        ``batched`` (Luigi's thread only): in the batch :meth:`flush` sends."""
         task_id = tracked.msg.task_id
         with self._lock:
             self._attempts[task_id] += 1
@@ -323,7 +338,7 @@ class Sender:
                 self._waits.set(task_id, due)
             self._pacer.at(due, (tracked, celery_id))
             return
-        self._send(tracked, celery_id)
+        self._send(tracked, celery_id, batched)
 
     def _send_when_due(self, item: tuple[Tracked, str]) -> None:
         tracked, celery_id = item
@@ -332,10 +347,11 @@ class Sender:
         if wanted:
             self._send(tracked, celery_id)
 
-    def _send(self, tracked: Tracked, celery_id: str) -> None:
+    def _send(self, tracked: Tracked, celery_id: str, batched: bool = False) -> None:
         task_id = tracked.msg.task_id
         tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
         kwargs = {"message": tracked.msg.to_dict()}
+        producer = self._batch_producer() if batched else None
         try:
             self.app.send_task(
                 m.TASK_NAME,
@@ -349,15 +365,73 @@ class Sender:
                 retry=True,
                 retry_policy=self._retry_policy,
                 event_dispatcher=self._sent_events,
+                producer=producer,
                 **tracked.publish_options,
             )
         except Exception as e:
+            if producer is not None:  # the batch broke (the broker went away): one by one, with retries
+                self._end_batch(discard=True, because=e)
+                self._send(tracked, celery_id)
+                return
             self._fail_tracked(tracked, f"could not publish {task_id} to {redact(self.app.conf.broker_url)}: {e}")
             return
         logger.debug("sent %s as %s", task_id, celery_id)
         if self._metrics is not None:
             with hook("a dispatch"):
                 self._metrics.dispatched.labels(**labels(tracked.msg.family, tracked.queue)).inc()
+        if producer is not None:
+            self._batched.append((tracked, celery_id))
+            if len(self._batched) >= PUBLISH_BATCH:
+                self.flush()
+
+    # --- batches (Luigi's thread) --------------------------------------------
+
+    def _batch_producer(self) -> Any:
+        """The producer with a batch open, or None where the broker cannot batch."""
+        if not self._batching:
+            return None
+        if self._producer is None:
+            producer = self.app.producer_pool.acquire(block=True)
+            if not producer.supports_batch_publish:
+                producer.release()
+                self._batching = False
+                return None
+            self._producer = producer
+        if self._batch is None:
+            self._batch = self._producer.batch(max_size=10 * PUBLISH_BATCH)  # flushed by us, before kombu would
+            self._batch.__enter__()
+        return self._producer
+
+    def flush(self) -> None:
+        """Publish what Luigi's loop has sent since the last flush; it calls this before it waits."""
+        self._end_batch()
+
+    def _end_batch(self, discard: bool = False, because: BaseException | None = None) -> None:
+        """Close the open batch: publish it, or ``discard`` it. Tasks a failed flush or ``because``
+        left unpublished are sent again one by one (a duplicate of one that did go out runs once:
+        the worker's run lock and start marks know its Celery id)."""
+        batch, pending = self._batch, self._batched
+        if batch is None:
+            return
+        self._batch, self._batched = None, []
+        try:
+            if discard:
+                error = because or RuntimeError("discarded")
+                batch.__exit__(type(error), error, None)
+            else:
+                batch.__exit__(None, None, None)
+        except Exception as e:
+            because = e
+        if because is None:
+            return
+        if self._producer is not None:  # its connection may be the broken one: start afresh
+            self._producer.release()
+            self._producer = None
+        if pending:
+            logger.warning("a batch of %d task(s) may not have reached the broker (%s): sending each again",
+                           len(pending), because)  # fmt: skip
+            for item in pending:
+                self._send_when_due(item)
 
     def revoke(self, flight: Flight) -> None:
         """Mark ``flight`` to be revoked; :meth:`close` revokes all of them in one broadcast."""

@@ -192,6 +192,9 @@ class InstantSender:
     def close(self):
         pass
 
+    def flush(self):
+        pass
+
     def waiting(self):
         return 0
 

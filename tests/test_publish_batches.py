@@ -1,0 +1,109 @@
+"""Tasks Luigi's loop sends between two waits reach the broker in one round trip (Redis), when
+the loop is about to wait; a batch the broker refuses is sent again one task at a time."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+
+import kombu
+import luigi
+import pytest
+
+from luigi_celery import message as m
+from luigi_celery.app import make_app
+from luigi_celery.dispatch import ResultQueue
+from luigi_celery.sender import Sender
+from luigi_celery.settings import Settings
+from tests.pipelines import Unlimited
+
+
+class Flight:
+    def __init__(self, task: luigi.Task) -> None:
+        self.task = task
+        self.worker_timeout = None
+        self.results: list[m.ResultMessage] = []
+
+    def on_result(self, result: m.ResultMessage) -> None:
+        self.results.append(result)
+
+
+def _sender(broker: str):
+    settings = Settings(broker_url=broker, queue=f"batches-{uuid.uuid4().hex[:8]}")
+    made = Sender(make_app(settings), settings)
+    yield made
+    made._end_batch(discard=True)
+    with made.app.connection_for_write() as conn:
+        kombu.Queue(settings.queue)(conn.default_channel).delete()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def sender(request, brokers):
+    yield from _sender(brokers[request.param])
+
+
+@pytest.fixture
+def redis_sender(brokers):
+    yield from _sender(brokers["redis"])
+
+
+def _waiting(sender: Sender) -> int:
+    """Messages in the sender's queue on the broker."""
+    with sender.app.connection_for_write() as conn:
+        try:
+            return kombu.Queue(sender.settings.queue)(conn.default_channel).queue_declare(passive=True).message_count
+        except conn.channel_errors:  # Redis: not declared yet, as nothing was published to it
+            return 0
+
+
+def _send(sender: Sender, count: int) -> list[Flight]:
+    flights = [Flight(Unlimited(n=i, out=f"/tmp/{uuid.uuid4().hex}")) for i in range(count)]
+    for flight in flights:
+        sender.send(flight)
+    return flights
+
+
+def test_tasks_sent_between_waits_reach_the_broker_together_when_the_loop_waits(sender) -> None:
+    # When Luigi's loop sends five tasks
+    flights = _send(sender, 5)
+    # Then on Redis they wait in the batch, on RabbitMQ (no round trip to save) they are out
+    redis = sender.app.connection_for_write().transport.driver_type == "redis"
+    assert _waiting(sender) == (0 if redis else 5)
+    # and all five are out once the loop waits for a reply
+    results = ResultQueue()
+    results.before_wait = sender.flush
+    with pytest.raises(queue.Empty):
+        results.get(timeout=0.01)
+    assert _waiting(sender) == 5
+    assert not any(f.results for f in flights)
+
+
+def test_a_waiting_get_flushes_only_when_it_would_wait() -> None:
+    results = ResultQueue()
+    flushed = []
+    results.before_wait = lambda: flushed.append(True)
+    results.put(("id", "DONE", "", [], []))
+    assert results.get(timeout=1)[0] == "id"
+    assert flushed == []  # a reply was there: no wait, no flush
+    with pytest.raises(queue.Empty):
+        results.get(timeout=0.01)
+    assert flushed == [True]
+
+
+def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sender, monkeypatch) -> None:
+    sender = redis_sender  # only Redis batches publishes
+    # Given three tasks in a batch whose pipeline then fails
+    _send(sender, 3)
+    batch = sender._batch
+    real_exit = batch.__exit__
+
+    def refuse(*exc):
+        real_exit(RuntimeError, RuntimeError("the broker went away"), None)  # discarded, as a failed flush
+        raise ConnectionError("the broker went away")
+
+    monkeypatch.setattr(batch, "__exit__", refuse)
+    # When the loop waits
+    sender.flush()
+    # Then each of the three went out again, on its own
+    assert _waiting(sender) == 3
+    assert sender._batch is None and sender._batched == []
