@@ -127,9 +127,13 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         # Redis: fetch a message only when a process is free to run it, so a worker
         # that dies holds as few not-yet-started messages as possible.
         worker_disable_prefetch=redis_broker,
-        # Events for Flower, and the include list is imported before the pool forks.
-        worker_send_task_events=True,
+        # Task events cost a worker about 40% of its throughput (benchmarks/): off until Flower
+        # asks for them (it broadcasts enable_events every 5 s, `luigi-celery flower` at once);
+        # `luigi-celery worker -E` sends them from the start. The dispatcher's task-sent events
+        # go out in batches (sent_events.py).
+        worker_send_task_events=False,
         task_send_sent_event=True,
+        # The include list is imported before the pool forks.
         include=list(settings.task_modules),
     )
     url = store_url(settings)

@@ -317,8 +317,21 @@ def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
         from luigi_celery.queues import rabbitmq_api_url
 
         flower_argv.append(f"--broker_api={rabbitmq_api_url(app, settings.rabbitmq_api_url)}")
+    if not _events_refused(flower_argv):
+        # Workers send task events only when asked. Flower asks every 5 s, the first time 5 s
+        # after it starts: ask now, so it sees the tasks of a run that starts right away.
+        app.control.enable_events()
     app.start(["flower", *flower_argv])
     return EXIT_OK
+
+
+def _events_refused(flower_argv: Sequence[str]) -> bool:
+    """True when Flower is told not to turn the workers' task events on (``--enable_events=False``)."""
+    for arg in flower_argv:
+        name, _, value = arg.partition("=")
+        if name in ("--enable_events", "--enable-events") and value.lower() in ("false", "0", "no"):
+            return True
+    return False
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from luigi_celery.cli import flower_arguments, make_argument_parser
+from luigi_celery.cli import _events_refused, flower_arguments, make_argument_parser
 from luigi_celery.errors import LuigiCeleryError
 from tests.conftest import BIN, ROOT, clean_env, run_cli
 
@@ -120,3 +120,10 @@ def test_the_queues_a_worker_consumes_are_read_from_its_celery_flags():
     assert _consumed_queues(["-Q", "gpu,cpu", "--concurrency", "2"]) == ["gpu", "cpu"]
     assert _consumed_queues(["--queues=a", "--queues", "b"]) == ["a", "b"]
     assert _consumed_queues(["--concurrency", "2"]) == []
+
+
+def test_flower_turns_the_workers_task_events_on_unless_told_not_to():
+    assert not _events_refused(flower_arguments(["--port", "5556"]))
+    assert not _events_refused(flower_arguments(["--enable_events=True"]))
+    assert _events_refused(flower_arguments(["--enable_events=False"]))
+    assert _events_refused(flower_arguments(["--enable-events=false"]))
