@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py [--broker redis://127.0.0.1:6379/14] [--sizes 1000,3000,10000]
         [--layer-width 100] [--chain 300] [--sleepers 1000] [--repeat 1] [--inflight 8]
-        [--only wide,layered,chain,sleep,embedded,startup,lc,raw,luigi] [--luigi-max 3000] [--keep]
+        [--only wide,layered,chain,sleep,embedded,startup,lc,raw,luigi,luigid] [--luigi-max 3000] [--keep]
 
 Run it from anywhere; it runs everything from the repository root and starts and
 stops every worker itself (killed on Ctrl-C and on errors too).  The DAGs are in
@@ -22,7 +22,9 @@ What runs (``--only`` picks shapes and/or systems; none named means all):
   ``raw`` (raw Celery on the same broker and the same kind of worker: wide,
   chain, sleep), ``luigi`` (stock ``luigi --workers 2 --local-scheduler``, 32
   for ``sleep``; wide and layered only up to ``--luigi-max`` tasks, since its
-  scheduler is quadratic).
+  scheduler is quadratic), ``luigid`` (``luigi-celery run`` as ``lc``, scheduling
+  through a central ``luigid`` of its own instead of the local scheduler: wide,
+  up to ``--luigi-max`` tasks).
 
 Each worker is started once per group of runs, warmed up with a few tasks,
 and checked up (``luigi-celery check --worker NAME``, or a ping) and idle
@@ -73,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import raw_celery  # noqa: E402
 
 SHAPES = ("startup", "wide", "layered", "chain", "sleep", "embedded")
-SYSTEMS = ("lc", "raw", "luigi")
+SYSTEMS = ("lc", "raw", "luigi", "luigid")
 SLEEP_SECONDS = 0.2
 SLEEP_SLOTS = 32
 STOP_GRACE = 20.0  # seconds a process gets to exit on SIGTERM before SIGKILL
@@ -175,6 +177,7 @@ class Bench:
         self.control = raw_celery.make_app(args.broker)  # pings and inspects any worker on the broker
         self.count = 0
         self.lc_runs: list[tuple[list[str], str]] = []  # (Luigi's command line, queue) of each broker run
+        self.scheduler_url = ""  # the luigid of the luigid runs
 
     # --- what to run --------------------------------------------------------------
 
@@ -346,7 +349,9 @@ class Bench:
             self.report(row, seconds)
 
     def dispatcher_tail(self, row: Row) -> list[str]:
-        slots = SLEEP_SLOTS if row.shape == "sleep" else self.args.inflight if row.system == "lc" else 2
+        slots = SLEEP_SLOTS if row.shape == "sleep" else self.args.inflight if row.system in ("lc", "luigid") else 2
+        if row.system == "luigid":
+            return ["--workers", str(slots), "--scheduler-url", self.scheduler_url]
         return ["--workers", str(slots), "--local-scheduler"]
 
     def measure_raw(self, row: Row, worker: Worker, seconds: float = 0.0, as_chain: bool = False) -> None:
@@ -409,11 +414,39 @@ class Bench:
                     for size in self.sizes_for(shape, "lc"):
                         variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}"
                         self.measure(self.row(shape, size, "lc", variant), dispatcher(worker), worker, shape)
+        luigid_sizes = [n for n in self.args.sizes if n <= self.args.luigi_max] if self.wants("wide", "luigid") else []
+        if luigid_sizes:
+            with self.worker("lc", 2) as worker, self.luigid() as url:
+                self.scheduler_url = url
+                for size in luigid_sizes:
+                    variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}, luigid"
+                    self.measure(self.row("wide", size, "luigid", variant), dispatcher(worker), worker, "wide")
         if self.wants("sleep", "lc"):
             with self.worker("lc", SLEEP_SLOTS) as worker:
                 variant = f"luigi-celery, redis, 1 worker x{SLEEP_SLOTS}, --workers {SLEEP_SLOTS}"
                 row = self.row("sleep", self.args.sleepers, "lc", variant)
                 self.measure(row, dispatcher(worker), worker, "sleep")
+
+    @contextmanager
+    def luigid(self) -> Iterator[str]:
+        """A central luigid of its own, for the runs that schedule through it; yields its URL."""
+        port = _free_port()
+        state = self.work / "luigid"
+        state.mkdir(exist_ok=True)
+        command = [str(BIN / "luigid"), "--address", "127.0.0.1", "--port", str(port),
+                   "--state-path", str(state / "state.pickle"), "--logdir", str(state)]  # fmt: skip
+        proc = self.procs.start(command, self.work / "luigid.log")
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"luigid did not start (see {self.work / 'luigid.log'})")
+            time.sleep(0.2)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            self.procs.stop(proc)
 
     def run_raw(self) -> None:
         shapes = [s for s in ("wide", "chain") if self.wants(s, "raw")]
@@ -555,6 +588,12 @@ class Bench:
                 client.delete(*keys)
         except Exception as e:  # the table matters more than a tidy broker
             print(f"scale.py: could not clean up the broker: {e}", file=sys.stderr)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _sizes(text: str) -> list[int]:
