@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 
@@ -48,6 +49,10 @@ class Received:
                 receiver._receive(body, message)  # Celery's own: a list body is a batch
 
             with conn.Consumer([receiver.queue], callbacks=[on_message], no_ack=True, accept=receiver.accept):
+                # Redis delivers events by pub/sub, which keeps nothing for a subscriber to come:
+                # kombu subscribes on the first poll, so poll once before saying we listen.
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.3)
                 self._ready.set()
                 while not self._stop.is_set():
                     try:
