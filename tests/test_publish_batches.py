@@ -7,25 +7,14 @@ import queue
 import uuid
 
 import kombu
-import luigi
 import pytest
 
-from luigi_celery import message as m
 from luigi_celery.app import make_app
 from luigi_celery.dispatch import ResultQueue
 from luigi_celery.sender import Sender
 from luigi_celery.settings import Settings
 from tests.pipelines import Unlimited
-
-
-class Flight:
-    def __init__(self, task: luigi.Task) -> None:
-        self.task = task
-        self.worker_timeout = None
-        self.results: list[m.ResultMessage] = []
-
-    def on_result(self, result: m.ResultMessage) -> None:
-        self.results.append(result)
+from tests.test_sender_unit import Flight
 
 
 def _sender(broker: str):
