@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import sys
 
@@ -67,8 +68,18 @@ def report_failures(worker: CeleryWorker) -> None:
 
 def run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressView | None = None) -> int:
     """Run the pipeline ``luigi_argv`` names; return the process exit code."""
-    if settings.embedded:
-        settings = settings.replace(embedded_dir=make_embedded_dir())
+    if not settings.embedded:
+        return _run_pipeline(settings, luigi_argv, progress)
+    folder = make_embedded_dir()
+    try:
+        return _run_pipeline(settings.replace(embedded_dir=folder), luigi_argv, progress)
+    finally:
+        # The embedded broker's folder goes with the run, however it ended (a run that fails
+        # before its pool starts, on a bad task name say, left it behind).
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressView | None) -> int:
     app = make_app(settings)
     url = store_url(settings)
     store = RedisStore(url) if url else None

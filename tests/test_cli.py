@@ -127,3 +127,13 @@ def test_flower_turns_the_workers_task_events_on_unless_told_not_to():
     assert not _events_refused(flower_arguments(["--enable_events=True"]))
     assert _events_refused(flower_arguments(["--enable_events=False"]))
     assert _events_refused(flower_arguments(["--enable-events=false"]))
+
+
+def test_an_embedded_run_that_fails_before_its_pool_starts_leaves_no_broker_folder(tmp_path):
+    # Given no broker (the embedded default), temporary folders made under tmp_path
+    env = clean_env(TMPDIR=str(tmp_path))
+    # When the run fails before any task is scheduled (no such task)
+    result = run_cli("run", "--module", "examples.sales", "NoSuchTask", env=env)
+    assert result.returncode != 0, result.stdout[-2000:]
+    # Then the embedded broker's folder went with it
+    assert not list(tmp_path.glob("luigi-celery-embedded-*"))
