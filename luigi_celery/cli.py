@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.settings import Settings, load_settings, port_number, redact
+from luigi_celery.settings import Settings, load_settings, port_number, positive_int, redact
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,9 @@ def _positive_float(text: str) -> float:
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return value
+        return positive_int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _port(text: str) -> int:

@@ -8,6 +8,7 @@ and calls the flight back from the watcher thread when a reply arrives.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -195,7 +196,7 @@ class Sender:
         self._monitor.stop()
         self._pacer.stop()
         # A batch left here was never published: the run was cut short, and Luigi has given up on its tasks.
-        self._end_batch(discard=True)
+        self._drop_batch()
         if self._producer is not None:
             self._producer.release()
         self._revoke_marked()
@@ -370,7 +371,7 @@ class Sender:
             )
         except Exception as e:
             if producer is not None:  # the batch broke (the broker went away): one by one, with retries
-                self._end_batch(discard=True, because=e)
+                self._resend(self._drop_batch(), e)
                 self._send(tracked, celery_id)
                 return
             self._fail_tracked(tracked, f"could not publish {task_id} to {redact(self.app.conf.broker_url)}: {e}")
@@ -404,26 +405,31 @@ class Sender:
 
     def flush(self) -> None:
         """Publish what Luigi's loop has sent since the last flush; it calls this before it waits."""
-        self._end_batch()
-
-    def _end_batch(self, discard: bool = False, because: BaseException | None = None) -> None:
-        """Close the open batch: publish it, or ``discard`` it. Tasks a failed flush or ``because``
-        left unpublished are sent again one by one (a duplicate of one that did go out runs once:
-        the worker's run lock and start marks know its Celery id)."""
-        batch, pending = self._batch, self._batched
+        batch, pending = self._take_batch()
         if batch is None:
             return
-        self._batch, self._batched = None, []
         try:
-            if discard:
-                error = because or RuntimeError("discarded")
-                batch.__exit__(type(error), error, None)
-            else:
-                batch.__exit__(None, None, None)
+            batch.__exit__(None, None, None)
         except Exception as e:
-            because = e
-        if because is None:
-            return
+            self._resend(pending, e)
+
+    def _take_batch(self) -> tuple[Any, list[tuple[Tracked, str]]]:
+        batch, pending = self._batch, self._batched
+        self._batch, self._batched = None, []
+        return batch, pending
+
+    def _drop_batch(self) -> list[tuple[Tracked, str]]:
+        """Close the open batch without publishing it (kombu discards what it holds); return its tasks."""
+        batch, pending = self._take_batch()
+        if batch is not None:
+            with contextlib.suppress(Exception):
+                batch.__exit__(RuntimeError, RuntimeError("dropped"), None)
+        return pending
+
+    def _resend(self, pending: list[tuple[Tracked, str]], because: BaseException) -> None:
+        """Send again, one by one, the tasks of a batch that may not have reached the broker (a
+        duplicate of one that did go out runs once: the worker's run lock and start marks know its
+        Celery id)."""
         if self._producer is not None:  # its connection may be the broken one: start afresh
             self._producer.release()
             self._producer = None

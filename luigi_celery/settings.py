@@ -133,10 +133,14 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
+def positive_int(value: str) -> int:
+    """A whole number above 0, from a flag, an environment variable or the luigi config."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
     if number <= 0:
-        raise ValueError("must be a positive whole number")
+        raise ValueError(f"must be a positive whole number, got {value!r}")
     return number
 
 
@@ -168,7 +172,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "queue_timeout": _positive_float,
     "visibility_timeout": _positive_float,
     "outage_tolerance": _positive_float,
-    "complete_checks": _positive_int,
+    "complete_checks": positive_int,
     "metrics_port": port_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,

@@ -193,7 +193,7 @@ class InstantSender:
         pass
 
     def flush(self):
-        pass
+        """Nothing is held back: send() answers at once."""
 
     def waiting(self):
         return 0

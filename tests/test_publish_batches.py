@@ -21,7 +21,7 @@ def _sender(broker: str):
     settings = Settings(broker_url=broker, queue=f"batches-{uuid.uuid4().hex[:8]}")
     made = Sender(make_app(settings), settings)
     yield made
-    made._end_batch(discard=True)
+    made._drop_batch()
     with made.app.connection_for_write() as conn:
         kombu.Queue(settings.queue)(conn.default_channel).delete()
 

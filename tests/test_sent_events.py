@@ -55,10 +55,8 @@ class Received:
                     conn.drain_events(timeout=0.3)
                 self._ready.set()
                 while not self._stop.is_set():
-                    try:
+                    with contextlib.suppress(TimeoutError):  # a quiet moment: look at _stop again
                         conn.drain_events(timeout=0.2)
-                    except TimeoutError:
-                        pass
 
     def sent(self) -> list[dict]:
         return [e for e in self.events if e.get("type") == "task-sent"]
