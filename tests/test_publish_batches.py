@@ -4,6 +4,7 @@ the loop is about to wait; a batch the broker refuses is sent again one task at 
 from __future__ import annotations
 
 import queue
+import time
 import uuid
 
 import kombu
@@ -36,13 +37,20 @@ def redis_sender(brokers):
     yield from _sender(brokers["redis"])
 
 
-def _waiting(sender: Sender) -> int:
-    """Messages in the sender's queue on the broker."""
+def _waiting(sender: Sender, expected: int) -> int:
+    """Messages in the sender's queue on the broker, once they are ``expected`` (or after 5 s):
+    RabbitMQ counts a message published on another connection a moment later."""
+    deadline = time.monotonic() + 5
     with sender.app.connection_for_write() as conn:
-        try:
-            return kombu.Queue(sender.settings.queue)(conn.default_channel).queue_declare(passive=True).message_count
-        except conn.channel_errors:  # Redis: not declared yet, as nothing was published to it
-            return 0
+        while True:
+            try:
+                count = kombu.Queue(sender.settings.queue)(conn.default_channel).queue_declare(passive=True)
+                found = count.message_count
+            except conn.channel_errors:  # Redis: not declared yet, as nothing was published to it
+                found = 0
+            if found == expected or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
 
 def _send(sender: Sender, count: int) -> list[Flight]:
@@ -57,13 +65,13 @@ def test_tasks_sent_between_waits_reach_the_broker_together_when_the_loop_waits(
     flights = _send(sender, 5)
     # Then on Redis they wait in the batch, on RabbitMQ (no round trip to save) they are out
     redis = sender.app.connection_for_write().transport.driver_type == "redis"
-    assert _waiting(sender) == (0 if redis else 5)
+    assert _waiting(sender, 0 if redis else 5) == (0 if redis else 5)
     # and all five are out once the loop waits for a reply
     results = ResultQueue()
     results.before_wait = sender.flush
     with pytest.raises(queue.Empty):
         results.get(timeout=0.01)
-    assert _waiting(sender) == 5
+    assert _waiting(sender, 5) == 5
     assert not any(f.results for f in flights)
 
 
@@ -94,5 +102,5 @@ def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sende
     # When the loop waits
     sender.flush()
     # Then each of the three went out again, on its own
-    assert _waiting(sender) == 3
+    assert _waiting(sender, 3) == 3
     assert sender._batch is None and sender._batched == []
