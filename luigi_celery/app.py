@@ -21,6 +21,7 @@ from luigi_celery.execute import register_execute
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
+from luigi_celery.results import ReplyQueueCheck
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings, redact
 from luigi_celery.store import RedisStore, redis_store_url
 
@@ -137,6 +138,8 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         include=list(settings.task_modules),
     )
     url = store_url(settings)
+    # With no store (RabbitMQ alone), a dispatcher's deleted reply queue says its run is over.
+    rabbitmq = bool(broker_url and broker_url.startswith(("amqp", "pyamqp")))
     register_execute(
         app,
         settings.task_modules,
@@ -144,6 +147,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         settings.lock_ttl,
         make_limiter(settings),
         worker_metrics,
+        run_over=ReplyQueueCheck(app) if rabbitmq and not url else None,
     )
     return app
 

@@ -137,6 +137,7 @@ class CeleryTaskProcess:
         status_reporter: luigi.worker.TaskStatusReporter,
         worker_timeout: float | None,
         on_failed: Callable[[str, m.ResultMessage], None],
+        on_running: Callable[[str, bool], None] = lambda task_id, running: None,
     ) -> None:
         self.task = task
         self.status_reporter = status_reporter
@@ -144,6 +145,7 @@ class CeleryTaskProcess:
         self._sender = sender
         self._results = results
         self._on_failed = on_failed
+        self._on_running = on_running
         self._finished = False
 
     @property
@@ -174,6 +176,9 @@ class CeleryTaskProcess:
         self._results.put(result.luigi_tuple())
 
     def on_status(self, status: m.StatusMessage) -> None:
+        if status.field in ("started", "retry_in"):  # a worker runs it now / it waits in a queue again
+            self._on_running(self.task.task_id, status.field == "started")
+            return
         apply = getattr(self.status_reporter, _REPORTER_METHODS[status.field])
         self._results.call_soon(functools.partial(apply, status.value))
 
@@ -278,15 +283,24 @@ class CeleryWorker(luigi.worker.Worker):
             self._progress.progress.reported(kwargs["task_id"], kwargs["status"])
 
     def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess | luigi.worker.TaskProcess:
-        if self._progress is not None:
-            self._progress.progress.started(task.task_id)
         reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
         if nothing_to_run(task):
+            self._running(task.task_id, True)  # it runs here, now
             return self._in_process(task, reporter)
+        self._running(task.task_id, False)  # queued, until a worker says it runs it
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
         return CeleryTaskProcess(
-            task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure
-        )
+            task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure,
+            self._running,
+        )  # fmt: skip
+
+    def _running(self, task_id: str, running: bool) -> None:
+        """Progress: ``task_id`` runs now (True) or waits in a queue (False)."""
+        if self._progress is not None:
+            if running:
+                self._progress.progress.started(task_id)
+            else:
+                self._progress.progress.queued(task_id)
 
     def _in_process(self, task: luigi.Task, reporter: luigi.worker.TaskStatusReporter) -> luigi.worker.TaskProcess:
         """Luigi's own task process, run here as ``luigi --workers 1`` runs it: no broker round trip.

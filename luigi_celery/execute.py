@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from luigi_celery.results import publish_reply
 from luigi_celery.retry import RetryPolicy
 from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Lease, Store, died_here, owner_here
+from luigi_celery.timers import Timers
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 # The heartbeat refreshes a run lock this many times per lock TTL.
 HEARTBEATS_PER_TTL = 6
+# A task still running after this long tells its dispatcher it has started (progress shows it
+# running, not queued). Shorter tasks send nothing: their result says it all.
+STARTED_NOTICE_AFTER = 0.2
 
 
 def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
@@ -321,25 +326,33 @@ _heartbeats = _Heartbeats()
 
 
 @contextlib.contextmanager
-def run_lock(store: Store | None, msg: m.TaskMessage, ttl: float) -> Iterator[Lease]:
+def run_lock(
+    store: Store | None, msg: m.TaskMessage, ttl: float, run_over: Callable[[m.TaskMessage], bool] | None = None
+) -> Iterator[Lease]:
     """Hold the run lock of ``msg``'s task while the block runs.
 
-    Yields a :class:`Lease` whose ``holder`` is None when the lock is ours, and
-    whose ``seen_before`` says this very Celery id started before (a repeat).
-    Without a store (the embedded mode, RabbitMQ with no Redis configured) there
-    is no lock: the broker's redelivery and the complete() check are the guard.
+    Yields a :class:`Lease` whose ``holder`` is None when the lock is ours,
+    whose ``seen_before`` says this very Celery id started before (a repeat),
+    and whose ``ended`` says the dispatcher that sent it has closed its run, so
+    it must not run at all.  Without a store (the embedded mode, RabbitMQ with
+    no Redis configured) there is no lock: the broker's redelivery and the
+    complete() check are the guard, and ``run_over`` (if given) tells whether
+    the run is over.
     """
     if store is None:
-        yield Lease(None, False)
+        yield Lease(None, False, ended=run_over is not None and run_over(msg))
         return
     owner = owner_here(msg.celery_id)
-    lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+    lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id, msg.session)
+    if lease.ended:
+        yield lease
+        return
     if lease.holder is not None and died_here(lease.holder):
         # A process of this machine held it and is gone (a pool child killed, or
         # out of memory): take over now instead of waiting for the lock to expire.
         logger.warning("taking over %s from %s, which died", msg.task_id, lease.holder)
         store.release(msg.task_id, lease.holder)
-        lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
+        lease = store.acquire(msg.task_id, owner, ttl, msg.run_id, msg.celery_id, msg.session)
     if lease.holder is not None:
         logger.warning("not running %s: it is already running as %s", msg.celery_id, lease.holder)
         yield lease
@@ -413,6 +426,13 @@ def _rate_gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tu
     return limiter.reserve(key, rate)
 
 
+_timers = Timers()
+
+
+def _started(publish: Publish, msg: m.TaskMessage) -> None:
+    RemoteStatusReporter(publish, msg).send("started", socket.gethostname())
+
+
 def _hold(publish: Publish, msg: m.TaskMessage, seconds: float) -> None:
     """Tell the dispatcher this task waits ``seconds`` on purpose (a retry, a rate limit):
     it is not lost, and it does not count against the run's ``--workers`` meanwhile."""
@@ -426,12 +446,14 @@ def register_execute(
     lock_ttl: float = DEFAULT_LOCK_TTL,
     limiter: Limiter | None = None,
     metrics: WorkerMetrics | None = None,
+    run_over: Callable[[m.TaskMessage], bool] | None = None,
 ) -> Task:
     """Add the execute task to ``app``.
 
     ``allowed`` is the module allowlist, ``store`` holds run locks, ``limiter``
     enforces rate limits where tasks start (None: the dispatcher paces instead),
-    ``metrics`` counts what the tasks did (None: nothing is counted).
+    ``metrics`` counts what the tasks did (None: nothing is counted),
+    ``run_over`` tells, where there is no store, whether a message's run is over.
     """
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
@@ -484,7 +506,12 @@ def register_execute(
                 reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
                 raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
 
-        with run_lock(store, msg, lock_ttl) as lease:
+        with run_lock(store, msg, lock_ttl, run_over) as lease:
+            if lease.ended:
+                # Its dispatcher was interrupted, or ended its run, while this waited in a queue.
+                logger.warning("dropped %s unrun: the dispatcher that sent it has ended its run", msg.celery_id)
+                delivery.finished("dropped")
+                return f"dropped: the run of {msg.task_id} is over"
             if lease.holder is not None:
                 delivery.finished("duplicate")
                 return f"duplicate: {msg.task_id} is already running as {lease.holder}"
@@ -495,7 +522,11 @@ def register_execute(
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             repeat = lease.seen_before or msg.attempt > 1 or redelivered or msg.failures > 0
             began = time.monotonic()
-            result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=options.retry)
+            notice = _timers.call_later(STARTED_NOTICE_AFTER, functools.partial(_started, publish, msg))
+            try:
+                result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=options.retry)
+            finally:
+                _timers.cancel(notice)
             if retry_error is None:
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
                 publish(msg.reply_to, result.to_dict())

@@ -37,11 +37,16 @@ STATUS_FIELDS: dict[str, tuple[type, ...]] = {
     "decrease_running_resources": (dict,),
     # Not Luigi's: the task waits on purpose (a retry, a rate limit) for this many seconds.
     "retry_in": (int, float),
+    # Not Luigi's: the task has been running on this host for a moment (queued and running differ).
+    "started": (str,),
 }
 
 # A timed-out task is reported FAILED with event "timeout", so the dispatcher
 # can fire Luigi's TIMEOUT event exactly where stock Luigi fires it.
 EVENTS = frozenset({"timeout"})
+
+# A dispatcher's session id is 32 hex digits; a message's may be no longer than this.
+MAX_SESSION_LENGTH = 64
 
 M = TypeVar("M")
 
@@ -122,6 +127,9 @@ class TaskMessage:
     # When it was published, or when its countdown ends (wall clock, seconds since the
     # epoch): the worker measures its time in the queue from it.
     sent_at: float | None = None
+    # The dispatcher that sent it (random, one per `luigi-celery run` process). Once that
+    # dispatcher has closed its run, or was interrupted, a worker drops the message unrun.
+    session: str | None = None
 
     kind = "task"
 
@@ -144,6 +152,9 @@ class TaskMessage:
         worker_timeout = _require(data, "worker_timeout", (int, float), nullable=True)
         if worker_timeout is not None and worker_timeout <= 0:
             raise MessageError("field 'worker_timeout' must be positive")
+        session = _require(data, "session", (str,), nullable=True)
+        if session is not None and not 0 < len(session) <= MAX_SESSION_LENGTH:
+            raise MessageError(f"field 'session' must be 1 to {MAX_SESSION_LENGTH} characters")
         return cls(
             task_id=_require(data, "task_id", (str,)),
             module=_require(data, "module", (str,)),
@@ -158,6 +169,7 @@ class TaskMessage:
             failures=failures,
             rate_slot=_require(data, "rate_slot", (int, float), nullable=True),
             sent_at=_require(data, "sent_at", (int, float), nullable=True),
+            session=session,
         )
 
 

@@ -1,7 +1,7 @@
 """How far a run is: counted from what Luigi's worker tells its scheduler, shown while it runs.
 
-:class:`Progress` counts tasks by their last status (done, running, pending,
-failed) and the pace they finish at.  :class:`ProgressView` shows it: on a
+:class:`Progress` counts tasks by their last status (done, running on a worker,
+queued for one, pending, failed) and the pace they finish at.  :class:`ProgressView` shows it: on a
 terminal one line redrawn in place, with Luigi's log lines scrolling above
 it; otherwise a plain log line now and then.  Either way the last line comes
 before Luigi's execution summary, which stays at the end.
@@ -34,6 +34,7 @@ _FAILED = {"FAILED", "UNKNOWN", "DISABLED"}
 class Snapshot:
     done: int
     running: int
+    queued: int  # sent to a worker, not yet started by one
     pending: int
     failed: int
     per_second: float | None  # None until a task has finished
@@ -41,12 +42,12 @@ class Snapshot:
 
     @property
     def total(self) -> int:
-        return self.done + self.running + self.pending + self.failed
+        return self.done + self.running + self.queued + self.pending + self.failed
 
     @property
     def eta(self) -> float | None:
         """Seconds left at the current pace; None when there is no pace yet."""
-        left = self.running + self.pending
+        left = self.running + self.queued + self.pending
         if left == 0:
             return 0.0
         return left / self.per_second if self.per_second else None
@@ -55,7 +56,7 @@ class Snapshot:
         pace = f"{self.per_second:.1f} tasks/s" if self.per_second is not None else "- tasks/s"
         eta = "-" if self.eta is None else _duration(self.eta)
         return (
-            f"done {self.done}/{self.total} | running {self.running} | pending {self.pending} | "
+            f"done {self.done}/{self.total} | running {self.running} | queued {self.queued} | pending {self.pending} | "
             f"failed {self.failed} | {pace} | left {eta} | {_duration(self.elapsed)}"
         )
 
@@ -82,21 +83,35 @@ class Progress:
         self._lock = threading.Lock()
         self._status: dict[str, str] = {}
         self._running: set[str] = set()
+        self._queued: set[str] = set()
         self._finished: collections.deque[float] = collections.deque()
         self._began = clock()
 
     def reported(self, task_id: str, status: str) -> None:
         """The worker told the scheduler ``task_id`` has ``status`` (PENDING, DONE, FAILED, ...)."""
         with self._lock:
-            was_running = task_id in self._running
+            was_running = task_id in self._running or task_id in self._queued
             self._running.discard(task_id)
+            self._queued.discard(task_id)
             self._status[task_id] = status
             if was_running and (status == "DONE" or status in _FAILED):
                 self._finished.append(self._clock())
 
-    def started(self, task_id: str) -> None:
-        """The task was sent to run."""
+    def queued(self, task_id: str) -> None:
+        """The task was sent to a worker (or went back to a queue to wait), and does not run yet."""
         with self._lock:
+            self._running.discard(task_id)
+            self._queued.add(task_id)
+
+    def started(self, task_id: str) -> None:
+        """The task runs now (a worker said so, or the dispatcher runs it itself).
+
+        A notice that comes late, after the task's result, changes nothing."""
+        with self._lock:
+            status = self._status.get(task_id)
+            if status == "DONE" or status in _FAILED:
+                return
+            self._queued.discard(task_id)
             self._running.add(task_id)
 
     def snapshot(self) -> Snapshot:
@@ -106,11 +121,11 @@ class Progress:
                 self._finished.popleft()
             counts = collections.Counter(self._status.values())
             failed = sum(counts[s] for s in _FAILED)
-            running = len(self._running)
-            pending = len(self._status) - counts["DONE"] - failed - running
+            running, queued = len(self._running), len(self._queued)
+            pending = len(self._status) - counts["DONE"] - failed - running - queued
             window = min(PACE_WINDOW, now - self._began)
             per_second = len(self._finished) / window if self._finished and window > 0 else None
-            return Snapshot(counts["DONE"], running, max(0, pending), failed, per_second, now - self._began)
+            return Snapshot(counts["DONE"], running, queued, max(0, pending), failed, per_second, now - self._began)
 
 
 class _LiveStream:
@@ -203,8 +218,8 @@ class ProgressView:
             snapshot = self.progress.snapshot()
             if self.live:
                 self._show(snapshot.line())
-            elif (snapshot.done, snapshot.running, snapshot.failed, snapshot.total) != last:
-                last = (snapshot.done, snapshot.running, snapshot.failed, snapshot.total)
+            elif (snapshot.done, snapshot.running, snapshot.queued, snapshot.failed, snapshot.total) != last:
+                last = (snapshot.done, snapshot.running, snapshot.queued, snapshot.failed, snapshot.total)
                 self._write_line(snapshot)
 
     def _show(self, line: str) -> None:

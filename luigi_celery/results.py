@@ -15,6 +15,7 @@ transport, which is what the embedded mode runs on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -82,6 +83,49 @@ def publish_reply(app: Celery, reply_to: str, payload: dict[str, Any]) -> None:
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
+
+
+# A reply queue seen to exist is taken to exist for this long: a worker online when its
+# dispatcher is interrupted also hears Celery's revoke broadcast.
+REPLY_QUEUE_SEEN_FOR = 1.0
+
+
+class ReplyQueueCheck:
+    """Tells a worker with no coordination store (RabbitMQ alone) whether a message's run is
+    over: its dispatcher deletes its reply queue when it closes the run (or is interrupted),
+    and the reply queue's name is unique to that dispatcher (its run id is random there)."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._seen: dict[str, float] = {}  # reply queue -> when it was seen to exist
+
+    def __call__(self, msg: Any) -> bool:
+        name: str = msg.reply_to
+        now = time.monotonic()
+        if now - self._seen.get(name, float("-inf")) < REPLY_QUEUE_SEEN_FOR:
+            return False
+        gone = not self._exists(name)
+        if not gone:
+            self._seen = {q: t for q, t in self._seen.items() if now - t < REPLY_QUEUE_SEEN_FOR}
+            self._seen[name] = now
+        return gone
+
+    def _exists(self, name: str) -> bool:
+        from amqp.exceptions import NotFound
+
+        try:
+            with self._app.pool.acquire(block=True) as conn:
+                channel = conn.channel()  # a channel of its own: a missing queue closes it
+                try:
+                    channel.queue_declare(queue=name, passive=True)
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+        except NotFound:
+            return False
+        except Exception as e:  # the broker is away for a moment: run it (its reply will be retried)
+            logger.warning("could not check reply queue %s: %s", name, e)
+        return True
 
 
 class ResultWatcher(threading.Thread):

@@ -93,6 +93,9 @@ class Sender:
         self.app = app
         self.settings = settings
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        # This dispatcher, among every one that ever runs the same pipeline (the run id is the
+        # same for all of them): what it sent is dropped unrun once it has closed its run.
+        self.session = uuid.uuid4().hex
         self.reply_to = reply_queue_name(self.run_id)
         self.store = store
         # every Celery id of every attempt still in flight -> its task's record
@@ -220,6 +223,9 @@ class Sender:
     def _close_in_store(self) -> None:
         assert self.store is not None
         try:
+            # Whatever this dispatcher sent that is still queued (a Ctrl-C, a task failed for
+            # want of a worker) is dropped by the worker that receives it, even much later.
+            self.store.end_session(self.session)
             self.store.forget_run(self.run_id)  # the run is over: nothing to adopt
             self.store.release_run(self.run_id, self._owner)
         except Exception as e:
@@ -254,6 +260,7 @@ class Sender:
             check_unfulfilled_deps=self.check_unfulfilled_deps,
             check_complete_on_run=self.check_complete_on_run,
             worker_timeout=flight.worker_timeout or None,
+            session=self.session,
         )
         publish_options: dict[str, Any] = {"queue": options.queue or self.settings.queue, "priority": options.priority}
         if msg.worker_timeout:
@@ -309,6 +316,8 @@ class Sender:
         logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id, last)
         if early is not None:
             tracked.flight.on_result(early)  # it finished while no dispatcher watched
+        else:  # a worker has it: running, not queued
+            tracked.flight.on_status(m.StatusMessage(attempts[-1], tracked.msg.task_id, "started", ""))
         return True
 
     def republish(self, tracked: Tracked) -> None:
@@ -501,6 +510,7 @@ class Sender:
         elif isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
             # Not lost while it waits, nor until its worker had a heartbeat's time to take it up.
             tracked.hold_until = time.monotonic() + float(reply.value) + self.settings.lock_ttl
+            tracked.flight.on_status(reply)
             self.wake()
         elif isinstance(reply, m.ResultMessage):
             self._count_answer(tracked.msg.family, tracked.queue, reply.status)

@@ -75,20 +75,29 @@ def starts_key(run_id: str) -> str:
     return f"{KEY_PREFIX}started:{run_id}"
 
 
+def ended_key(session: str) -> str:
+    """Set once the dispatcher ``session`` has closed its run (or was interrupted)."""
+    return f"{KEY_PREFIX}ended:{session}"
+
+
 class Lease(NamedTuple):
     """The answer to asking for a run lock."""
 
     holder: str | None  # None: the lock is ours; else who holds it
     seen_before: bool  # this Celery id had started before (a repeat delivery)
+    ended: bool = False  # the dispatcher that sent it has closed its run: do not run it (no lock taken)
 
 
 class Store(Protocol):
     """What luigi-celery keeps in the coordination store."""
 
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
+    def acquire(
+        self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str, session: str | None = None
+    ) -> Lease:
         """Take the run lock of ``task_id`` and mark ``celery_id`` started.
 
-        When the lock is already held, change nothing and name the holder.
+        When the lock is already held, change nothing and name the holder; when the
+        dispatcher ``session`` has ended its run, change nothing and say so.
         """
 
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
@@ -113,6 +122,10 @@ class Store(Protocol):
     def forget_run(self, run_id: str) -> None:
         """Drop the start marks of a run that is over."""
 
+    def end_session(self, session: str) -> None:
+        """Record that the dispatcher ``session`` is gone for good (its run ended or was
+        interrupted): workers drop whatever it sent that is still on a queue."""
+
 
 class MemoryStore:
     """The in-process twin of :class:`RedisStore` (same semantics, monotonic clock)."""
@@ -120,6 +133,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[str, float]] = {}
         self._started: dict[str, set[str]] = {}
+        self._ended: set[str] = set()
         self._lock = threading.Lock()
 
     def _holder(self, task_id: str) -> str | None:
@@ -129,8 +143,12 @@ class MemoryStore:
             return None
         return held[0]
 
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
+    def acquire(
+        self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str, session: str | None = None
+    ) -> Lease:
         with self._lock:
+            if session is not None and session in self._ended:
+                return Lease(None, False, ended=True)
             holder = self._holder(task_id)
             if holder is not None:
                 return Lease(holder, False)
@@ -179,16 +197,22 @@ class MemoryStore:
         with self._lock:
             self._started.pop(run_id, None)
 
+    def end_session(self, session: str) -> None:
+        with self._lock:
+            self._ended.add(session)
 
-# KEYS: lock, start marks; ARGV: owner, ttl ms, celery id, start-mark ttl s.
-# Returns {'', seen before 0/1} when the lock was taken, else {holder, 0}.
+
+# KEYS: lock, start marks, the session's end mark; ARGV: owner, ttl ms, celery id, start-mark ttl s.
+# Returns {'', seen before 0/1, 0} when the lock was taken, {holder, 0, 0} when it is held,
+# {'', 0, 1} when the session has ended.
 _ACQUIRE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'', 0, 1} end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fresh = redis.call('HSETNX', KEYS[2], ARGV[3], redis.call('TIME')[1])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return {'', 1 - fresh}
+  return {'', 1 - fresh, 0}
 end
-return {redis.call('GET', KEYS[1]), 0}
+return {redis.call('GET', KEYS[1]), 0, 0}
 """
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -217,10 +241,13 @@ class RedisStore:
             raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
 
     @ride_out_outages
-    def acquire(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> Lease:
-        keys = [lock_key(task_id), starts_key(run_id)]
-        holder, seen = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
-        return Lease(str(holder) if holder else None, bool(seen))
+    def acquire(
+        self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str, session: str | None = None
+    ) -> Lease:
+        # (with no session, the end mark checked is one no dispatcher sets)
+        keys = [lock_key(task_id), starts_key(run_id), ended_key(session or ":none")]
+        holder, seen, ended = self._acquire(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
+        return Lease(str(holder) if holder else None, bool(seen), bool(ended))
 
     @ride_out_outages
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
@@ -265,6 +292,11 @@ class RedisStore:
     @ride_out_outages
     def forget_run(self, run_id: str) -> None:
         self._client.delete(starts_key(run_id))
+
+    @ride_out_outages
+    def end_session(self, session: str) -> None:
+        # Kept as long as start marks: longer than a message waits on a queue in practice.
+        self._client.set(ended_key(session), "1", ex=START_MARK_TTL)
 
 
 def owner_here(name: str) -> str:

@@ -232,6 +232,9 @@ def test_from_dict_rejects_a_message_with_a_missing_field(
         ("worker_timeout", True),
         ("sent_at", "now"),
         ("sent_at", True),
+        ("session", 7),
+        ("session", ""),
+        ("session", "x" * 65),
     ],
 )
 def test_task_message_rejects_a_field_of_the_wrong_type(field: str, value: Any) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from luigi_celery.progress import Progress, ProgressView, _LiveStream
-from tests.conftest import BIN, ROOT, clean_env, run_cli
+from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, run_cli
 
 
 class Clock:
@@ -28,7 +28,9 @@ def test_tasks_are_counted_by_their_last_status_and_the_pace_gives_the_time_left
     # Given ten tasks scheduled, two of them complete already
     for n in range(10):
         progress.reported(f"t{n}", "DONE" if n < 2 else "PENDING")
-    assert progress.snapshot().line().startswith("done 2/10 | running 0 | pending 8 | failed 0 | - tasks/s | left -")
+    assert progress.snapshot().line().startswith(
+        "done 2/10 | running 0 | queued 0 | pending 8 | failed 0 | - tasks/s | left -"
+    )
     # When four are sent, and over 2 s two finish and one fails
     for n in range(2, 6):
         progress.started(f"t{n}")
@@ -41,7 +43,30 @@ def test_tasks_are_counted_by_their_last_status_and_the_pace_gives_the_time_left
     assert (snapshot.done, snapshot.running, snapshot.pending, snapshot.failed) == (4, 1, 4, 1)
     assert snapshot.per_second == pytest.approx(1.5)
     assert snapshot.eta == pytest.approx(5 / 1.5)
-    assert snapshot.line() == "done 4/10 | running 1 | pending 4 | failed 1 | 1.5 tasks/s | left 3s | 2s"
+    assert snapshot.line() == "done 4/10 | running 1 | queued 0 | pending 4 | failed 1 | 1.5 tasks/s | left 3s | 2s"
+
+
+def test_a_task_sent_is_queued_until_a_worker_starts_it_and_a_late_notice_changes_nothing():
+    clock = Clock()
+    progress = Progress(clock)
+    for n in range(3):
+        progress.reported(f"t{n}", "PENDING")
+    # When all three are sent and a worker has started one
+    for n in range(3):
+        progress.queued(f"t{n}")
+    progress.started("t0")
+    snapshot = progress.snapshot()
+    # Then one runs and two wait in the queue: neither is "pending" any more
+    assert (snapshot.running, snapshot.queued, snapshot.pending) == (1, 2, 0)
+    assert "| running 1 | queued 2 | pending 0 |" in snapshot.line()
+    # When one finishes before its start notice arrives, and one goes back to its queue (a retry)
+    progress.reported("t1", "DONE")
+    progress.started("t1")
+    progress.queued("t0")
+    clock.now += 1
+    snapshot = progress.snapshot()
+    assert (snapshot.done, snapshot.running, snapshot.queued) == (1, 0, 2)
+    assert snapshot.per_second is not None  # a queued task that finished counts towards the pace
 
 
 def test_a_task_that_comes_back_pending_is_pending_again_and_new_ones_grow_the_total():
@@ -93,7 +118,7 @@ def test_stopping_leaves_the_final_numbers_as_a_plain_line():
     view.start()
     view.stop()
     assert out.getvalue() == (
-        "luigi-celery: progress: done 1/1 | running 0 | pending 0 | failed 0 | - tasks/s | left 0s | 0s\n"
+        "luigi-celery: progress: done 1/1 | running 0 | queued 0 | pending 0 | failed 0 | - tasks/s | left 0s | 0s\n"
     )
 
 
@@ -147,17 +172,31 @@ def test_on_a_terminal_the_run_shows_a_live_line_and_ends_with_luigis_summary(tm
     redraws = output.split("\r\x1b[K")
     assert any(part.startswith("done ") and "| running 2 |" in part for part in redraws), output[-3000:]
     # and at the end the final numbers, as a plain line, then Luigi's execution summary
-    final = "luigi-celery: progress: done 5/5 | running 0 | pending 0 | failed 0 |"
+    final = "luigi-celery: progress: done 5/5 | running 0 | queued 0 | pending 0 | failed 0 |"
     assert final in output
     assert output.index(final) < output.index("===== Luigi Execution Summary =====")
     assert "done " not in output[output.index(final) + len(final) :]  # no live line after it
+
+
+def test_tasks_waiting_for_a_busy_worker_show_as_queued_not_running(fresh_pool, tmp_path):
+    # Given one worker with one pool process, and three 1.5-second tasks sent at once
+    pool = fresh_pool(REDIS_URL, count=1, concurrency=1)
+    code, output = _run_on_a_terminal(
+        "run", "--broker", pool.broker, "--queue", pool.queue, "--module", "tests.pipelines", "ManySlow",
+        "--count", "3", "--seconds", "1.5", "--out", str(tmp_path), "--workers", "3",
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    # Then the live line shows one running and two waiting in the queue (the wrapper pending), never three running
+    redraws = [part for part in output.split("\r\x1b[K") if part.startswith("done ")]
+    assert any("| running 1 | queued 2 | pending 1 |" in part for part in redraws), output[-3000:]
+    assert not any("| running 2 |" in part or "| running 3 |" in part for part in redraws)
 
 
 def test_off_a_terminal_the_run_writes_plain_lines_and_the_final_one_before_luigis_summary(tmp_path):
     result = run_cli("run", "--module", "tests.pipelines", "MixedOutcomes", "--out", str(tmp_path), "--workers", "3")
     assert result.returncode == 30, result.stdout[-3000:]
     # (the wrapper never runs: its requirement failed)
-    final = "luigi-celery: progress: done 4/6 | running 0 | pending 1 | failed 1 |"
+    final = "luigi-celery: progress: done 4/6 | running 0 | queued 0 | pending 1 | failed 1 |"
     assert final in result.stdout
     assert result.stdout.index(final) < result.stdout.index("===== Luigi Execution Summary =====")
     assert "\x1b" not in result.stdout and "\r" not in result.stdout

@@ -40,6 +40,20 @@ def test_one_owner_at_a_time(store, ids):
     assert locks == [True] and started == [True, False]
 
 
+def test_nothing_a_dispatcher_sent_is_taken_once_it_has_ended_its_session(store, ids):
+    task_id, run_id = ids
+    session, other = uuid.uuid4().hex, uuid.uuid4().hex
+    # When the dispatcher of one session ends it
+    store.end_session(session)
+    # Then its messages get no lock and no start mark, and say why
+    assert store.acquire(task_id, "a", 5, run_id, "c1", session) == (None, False, True)
+    assert store.status(run_id, [task_id], ["c1"]) == ([False], [False])
+    # while another session's (a run of the same pipeline started again), or one with no session, run
+    assert store.acquire(task_id, "b", 5, run_id, "c1", other) == (None, False, False)
+    store.release(task_id, "b")
+    assert store.acquire(task_id, "c", 5, run_id, "c2") == (None, False, False)
+
+
 def test_only_the_owner_refreshes_or_releases(store, ids):
     task_id, run_id = ids
     store.acquire(task_id, "a", 5, run_id, "c1")
@@ -74,9 +88,9 @@ def test_a_repeat_of_the_same_celery_id_is_seen_as_one(store, ids):
     assert store.acquire(task_id, "a", 5, run_id, "c1").seen_before is False
     store.release(task_id, "a")
     # When the same Celery id comes again (redelivered), it is a repeat; another id is not
-    assert store.acquire(task_id, "b", 5, run_id, "c1") == (None, True)
+    assert store.acquire(task_id, "b", 5, run_id, "c1") == (None, True, False)
     store.release(task_id, "b")
-    assert store.acquire(task_id, "c", 5, run_id, "c2") == (None, False)
+    assert store.acquire(task_id, "c", 5, run_id, "c2") == (None, False, False)
     assert store.started(run_id) == ["c1", "c2"]
     store.forget_run(run_id)
     assert store.started(run_id) == []
