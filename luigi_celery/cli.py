@@ -97,6 +97,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         allow_abbrev=False,
+        add_help=False,  # --help is Luigi's help for the task, with these flags added (commandline.py)
         help="run a Luigi pipeline on Celery workers (Luigi's own flags and task parameters follow)",
     )
     _add_connection_flags(run)
@@ -201,6 +202,23 @@ def _log_like_luigi() -> None:
     ours.propagate = False
 
 
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    actions = make_argument_parser()._actions
+    commands = next(a for a in actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = commands.choices[name]
+    return parser
+
+
+def _options_help(command: str) -> str:
+    """The options part of ``command``'s own help."""
+    text = _subcommand(command).format_help()
+    return text.split("options:\n", 1)[-1].rstrip()
+
+
+def _own_flags(command: str) -> list[str]:
+    return [option for action in _subcommand(command)._actions for option in action.option_strings]
+
+
 def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
     from luigi_celery.run import install_signal_handlers, run_pipeline
 
@@ -209,6 +227,12 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
         sys.path.insert(0, os.getcwd())
     settings = _settings(args)
     _import_pipeline_modules(luigi_argv)
+    from luigi_celery.commandline import check_command_line, luigi_help, wants_help
+
+    if wants_help(luigi_argv):
+        print(luigi_help(luigi_argv, _options_help("run")), end="")
+        return EXIT_OK
+    check_command_line(luigi_argv, own_flags=_own_flags("run"))
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     install_signal_handlers()
@@ -234,6 +258,10 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
 
     if settings.embedded and not settings.embedded_dir:
         raise LuigiCeleryError("no broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
+    if settings.embedded:  # the child of an embedded run
+        from luigi_celery.embedded import quiet_embedded_worker
+
+        quiet_embedded_worker()
     if not settings.task_modules:
         raise LuigiCeleryError("no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES")
     if os.getcwd() not in sys.path:

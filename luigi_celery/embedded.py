@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from time import monotonic, sleep
 from typing import Any
 
@@ -83,6 +84,28 @@ class AtomicFilesystemTransport(filesystem.Transport):
 
 
 TRANSPORT = f"{__name__}:{AtomicFilesystemTransport.__name__}"
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps Luigi's "[pid N] Worker ... failed Task" line, without its traceback: the
+    dispatcher prints the failure in full after the summary, on the same terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("[pid %s] Worker %s failed"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_embedded_worker() -> None:
+    """Configure the embedded worker (this process, and the pool it forks) so that what it
+    prints is only what stock Luigi's workers print on that terminal."""
+    from celery.exceptions import SecurityWarning
+
+    # Celery warns a root worker because anyone who can write to its broker runs code as
+    # root. The embedded broker is a folder only this user can open (mkdtemp's 0700),
+    # written by this run alone: the warning does not apply.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    logging.getLogger("luigi-interface").addFilter(_NoTraceback())
 
 
 def make_embedded_dir() -> str:

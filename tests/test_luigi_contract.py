@@ -130,6 +130,16 @@ def test_the_private_worker_api_we_use_still_exists():
     assert list(inspect.signature(luigi.worker.check_complete).parameters) == ["task", "out_queue", "completion_cache"]
 
 
+def test_the_command_line_parser_we_read_still_exists():
+    # luigi_celery.commandline checks a run's command line with the parser Luigi builds
+    from luigi.cmdline_parser import CmdlineParser
+
+    assert list(inspect.signature(CmdlineParser._build_parser).parameters) == ["root_task", "help_all"]
+    parser = CmdlineParser._build_parser(root_task="ContractLeaf")
+    assert "--n" in parser._option_string_actions and "--ContractLeaf-n" in parser._option_string_actions
+    assert callable(luigi.parameter.Parameter._parser_global_dest)
+
+
 # The scheduler's internals luigi_celery.scheduler relies on.
 PRIVATE_SCHEDULER_API = (
     "_state", "_config", "_paused", "_update_worker", "_update_priority", "_rank", "_schedulable",
