@@ -14,9 +14,19 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from luigi_celery import __version__
 from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.settings import Settings, load_settings, port_number, positive_int, redact
+from luigi_celery.settings import (
+    Settings,
+    load_settings,
+    port_number,
+    positive_int,
+    positive_number,
+    queue_name,
+    redact,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,31 +42,50 @@ _SCHEDULER_FLAGS = ("--local-scheduler", "--scheduler-url", "--scheduler-host", 
 _CELERY_GLOBAL_FLAGS = ("--quiet", "-q", "--no-color")
 
 
-def _queue_name(text: str) -> str:
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"must be a name without spaces, got {text!r}")
-    return text
+def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from one of settings.py's validators: its ValueError becomes
+    argparse's one line, ``argument --flag: must be ..., got 'value'``."""
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return parse_flag
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+_queue_name = _flag(queue_name)
+_positive_float = _flag(positive_number)
+_positive_int = _flag(positive_int)
+_port = _flag(port_number)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        return positive_int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+class _CommaSeparated(argparse.Action):
+    """``--flag a,b --flag c`` or ``--flag a b``: one list, as Celery's COMMA SEPARATED LISTs."""
 
+    def __init__(self, *args: Any, item: Callable[[str], str] = str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.item = item
 
-def _port(text: str) -> int:
-    try:
-        return port_number(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        texts = [values] if isinstance(values, str) else list(values or [])
+        items = list(getattr(namespace, self.dest, None) or [])
+        for text in texts:
+            for name in (part.strip() for part in text.split(",")):
+                if not name:
+                    continue
+                try:
+                    items.append(self.item(name))
+                except ValueError as e:
+                    raise argparse.ArgumentError(self, str(e)) from e
+        setattr(namespace, self.dest, items)
 
 
 def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +97,7 @@ def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -> None:
     parser.add_argument(
         "--broker", dest="broker_url", metavar="URL", help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL)"
     )
@@ -77,12 +106,13 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND)",
     )
-    parser.add_argument(
-        "--queue",
-        type=_queue_name,
-        metavar="NAME",
-        help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')",
-    )
+    if queue:
+        parser.add_argument(
+            "--queue",
+            type=_queue_name,
+            metavar="NAME",
+            help="the default Celery queue (env LUIGI_CELERY_QUEUE; default 'luigi')",
+        )
     parser.add_argument(
         "--redis-url",
         metavar="URL",
@@ -91,7 +121,12 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luigi-celery", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="luigi-celery",
+        allow_abbrev=False,
+        description="Run Luigi pipelines on Celery workers; start a worker, start Flower, check the pool.",
+    )
+    parser.add_argument("--version", action="version", version=f"luigi-celery {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -127,7 +162,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     _add_connection_flags(worker)
     worker.add_argument(
-        "--include", nargs="+", action="extend", metavar="MODULE", help="modules whose tasks this worker may run"
+        "--include",
+        nargs="+",
+        action=_CommaSeparated,
+        metavar="MODULE",
+        help="modules (or packages) whose tasks this worker may run, comma-separated or one by one "
+        "(env LUIGI_CELERY_TASK_MODULES)",
     )
     _add_metrics_flag(worker)
 
@@ -139,7 +179,15 @@ def make_argument_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", allow_abbrev=False, help="exit 0 when the broker and at least one worker answer"
     )
-    _add_connection_flags(check)
+    _add_connection_flags(check, queue=False)
+    check.add_argument(
+        "--queue",
+        dest="queues",
+        action=_CommaSeparated,
+        item=queue_name,
+        metavar="NAME",
+        help="some worker must consume this queue (comma-separated, or the flag again, for several)",
+    )
     check.add_argument(
         "--timeout", type=_positive_float, default=5.0, metavar="SECONDS", help="how long to wait for answers"
     )
@@ -155,7 +203,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         "broker_url": args.broker_url,
         "result_backend": args.result_backend,
-        "queue": args.queue,
+        "queue": getattr(args, "queue", None),
         "redis_url": args.redis_url,
         "connect_timeout": getattr(args, "connect_timeout", None),
         "queue_timeout": getattr(args, "queue_timeout", None),
@@ -185,6 +233,10 @@ def _import_pipeline_modules(luigi_argv: Sequence[str]) -> None:
     """Import ``--module`` now, so a typo is one clear line, not Luigi's traceback."""
     modules = [value for flag, value in zip(luigi_argv, luigi_argv[1:], strict=False) if flag == "--module"]
     modules += [a.split("=", 1)[1] for a in luigi_argv if a.startswith("--module=")]
+    _import_modules(modules)
+
+
+def _import_modules(modules: Sequence[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
@@ -213,6 +265,17 @@ def _options_help(command: str) -> str:
     """The options part of ``command``'s own help."""
     text = _subcommand(command).format_help()
     return text.split("options:\n", 1)[-1].rstrip()
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def _print_help_header(command: str, theirs: str) -> None:
+    """``command``'s own flags, before the help of the program whose options follow them."""
+    print(f"usage: luigi-celery {command} [luigi-celery's flags] [{theirs} options]\n")
+    print(f"luigi-celery's flags:\n{_options_help(command)}\n")
+    print(f"{theirs} options:", flush=True)
 
 
 def _own_flags(command: str) -> list[str]:
@@ -246,6 +309,15 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
+    if _wants_help(celery_argv):  # needs no broker, starts nothing
+        from celery import Celery
+
+        _print_help_header("worker", "celery worker")
+        try:
+            Celery("luigi_celery", set_as_current=False).start(["worker", "--help"])
+        except SystemExit:
+            pass
+        return EXIT_OK
     settings = _settings(args)
     metrics = None
     # (an embedded worker inherits the dispatcher's settings: the port is the dispatcher's)
@@ -266,6 +338,7 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
         raise LuigiCeleryError("no task modules allowed: pass --include MODULE or set LUIGI_CELERY_TASK_MODULES")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    _import_modules(settings.task_modules)  # a typo is one line here, not Celery's traceback
     app = make_app(settings, worker_metrics=metrics)
     port = settings.metrics_port
     if metrics is not None and port:
@@ -330,6 +403,13 @@ def flower_arguments(argv: Sequence[str]) -> list[str]:
 def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
     from luigi_celery.app import make_app
 
+    if _wants_help(flower_argv):  # needs no broker, and tells no worker anything
+        import flower.options  # noqa: F401  (defines Flower's options)
+        from tornado.options import options
+
+        _print_help_header("flower", "Flower")
+        options.print_help(sys.stdout)
+        return EXIT_OK
     settings = _settings(args)
     if settings.embedded:
         raise LuigiCeleryError("Flower needs a broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
@@ -365,19 +445,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if settings.embedded:
-        print("luigi-celery check: no broker configured (the embedded default needs no check)", file=sys.stderr)
-        return EXIT_PROBLEM
+        print("luigi-celery check: no broker configured; the embedded default needs no server")
+        return EXIT_OK
     app = make_app(settings)
     check_broker(app, args.timeout)
-    replies = app.control.ping(destination=[args.worker] if args.worker else None, timeout=args.timeout)
-    if not replies:
+    broker = f"broker {redact(settings.broker_url)} answers"
+    destination = [args.worker] if args.worker else None
+    if args.queues:
+        # (each worker's answer names its queues, so it doubles as the ping)
+        consumed = app.control.inspect(destination=destination, timeout=args.timeout).active_queues() or {}
+        names = sorted(consumed)
+        served = {queue["name"] for queues in consumed.values() for queue in queues}
+    else:
+        pongs = app.control.ping(destination=destination, timeout=args.timeout)
+        names = sorted(name for reply in pongs for name in reply)
+        served = set()
+    if not names:
         who = f"worker {args.worker} did not reply" if args.worker else "no worker replied"
-        print(f"luigi-celery check: broker {redact(settings.broker_url)} answers, but {who}", file=sys.stderr)
+        print(f"luigi-celery check: {broker}, but {who}", file=sys.stderr)
         return EXIT_PROBLEM
-    names = sorted(name for reply in replies for name in reply)
-    print(
-        f"luigi-celery check: broker {redact(settings.broker_url)} answers; {len(names)} worker(s): {', '.join(names)}"
-    )
+    unserved = [queue for queue in args.queues or () if queue not in served]
+    if unserved:
+        print(f"luigi-celery check: {broker}, but no worker consumes queue {', '.join(unserved)}", file=sys.stderr)
+        return EXIT_PROBLEM
+    queues = f"; queue(s) {', '.join(args.queues)} consumed" if args.queues else ""
+    print(f"luigi-celery check: {broker}; {len(names)} worker(s): {', '.join(names)}{queues}")
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ Nothing is read at import time; :func:`load_settings` is called by the CLI
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -126,10 +127,14 @@ def _modules(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
 
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError("must be positive")
+def positive_number(value: str) -> float:
+    """A finite number above 0 (seconds, mostly), from a flag, an environment variable or the luigi config."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"must be a positive number, got {value!r}")
     return number
 
 
@@ -155,9 +160,10 @@ def port_number(value: str) -> int:
     return number
 
 
-def _queue_name(value: str) -> str:
+def queue_name(value: str) -> str:
+    """A Celery queue name, from a flag, an environment variable or the luigi config."""
     if not value or any(c.isspace() for c in value):
-        raise ValueError("must be a non-empty name without spaces")
+        raise ValueError(f"must be a name without spaces, got {value!r}")
     return value
 
 
@@ -166,12 +172,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": str,
     "result_backend": str,
     "task_modules": _modules,
-    "queue": _queue_name,
-    "connect_timeout": _positive_float,
-    "lock_ttl": _positive_float,
-    "queue_timeout": _positive_float,
-    "visibility_timeout": _positive_float,
-    "outage_tolerance": _positive_float,
+    "queue": queue_name,
+    "connect_timeout": positive_number,
+    "lock_ttl": positive_number,
+    "queue_timeout": positive_number,
+    "visibility_timeout": positive_number,
+    "outage_tolerance": positive_number,
     "complete_checks": positive_int,
     "metrics_port": port_number,
     "rabbitmq_api_url": str,
@@ -218,7 +224,7 @@ def load_settings(
         try:
             values[name] = _PARSERS[name](text)
         except ValueError as e:
-            raise ConfigError(f"invalid {name} {text!r}: {e}") from e
+            raise ConfigError(f"invalid {name}: {e}") from e
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value

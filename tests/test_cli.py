@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
+from luigi_celery import __version__
 from luigi_celery.cli import _events_refused, flower_arguments, make_argument_parser
 from luigi_celery.errors import LuigiCeleryError
-from tests.conftest import BIN, ROOT, clean_env, run_cli
+from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, run_cli
 
 
 def parse(*argv: str):
@@ -137,3 +139,108 @@ def test_an_embedded_run_that_fails_before_its_pool_starts_leaves_no_broker_fold
     assert result.returncode != 0, result.stdout[-2000:]
     # Then the embedded broker's folder went with it
     assert not list(tmp_path.glob("luigi-celery-embedded-*"))
+
+
+def test_include_takes_modules_comma_separated_one_by_one_or_both():
+    # Celery's help says "COMMA SEPARATED LIST", and LUIGI_CELERY_TASK_MODULES is comma-separated
+    args, rest = parse("worker", "--include", "a.b, c,", "d", "--include", "e,,f", "--concurrency", "4")
+    assert args.include == ["a.b", "c", "d", "e", "f"]
+    assert rest == ["--concurrency", "4"]
+
+
+def test_an_include_that_cannot_be_imported_is_one_line():
+    # Given a worker allowed a module that does not exist, beside one that does
+    result = run_cli("worker", "--broker", REDIS_URL, "--include", "examples.sales,no_such_module_here")
+    # Then it says so in one line and exits 2, before Celery starts
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert result.stdout.strip() == (
+        "luigi-celery worker: error: cannot import module 'no_such_module_here': No module named 'no_such_module_here'"
+    )
+
+
+def test_worker_and_flower_help_need_no_broker():
+    # Given no LUIGI_CELERY_* setting at all (run_cli's clean_env)
+    worker = run_cli("worker", "--help", timeout=60)
+    # Then `worker --help` shows our flags, then Celery's
+    assert worker.returncode == 0, worker.stdout[-3000:]
+    for flag in ("--broker", "--include", "--metrics-port", "--concurrency", "--autoscale"):
+        assert flag in worker.stdout, flag
+    assert worker.stdout.index("--include") < worker.stdout.index("--concurrency")
+    flower = run_cli("flower", "-h", timeout=60)
+    # And `flower --help` shows our flags, then Flower's
+    assert flower.returncode == 0, flower.stdout[-3000:]
+    for flag in ("--broker", "--result-backend", "--basic-auth", "--port", "--broker-api"):
+        assert flag in flower.stdout, flag
+
+
+def test_flower_help_with_a_broker_connects_to_nothing():
+    # Given a broker URL whose port is a socket of the test's own, counting connections
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        broker = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        # When Flower's help is asked for
+        result = run_cli("flower", "--broker", broker, "--help", timeout=30)
+        # Then it is printed, and nothing (no enable_events broadcast) reached the broker
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "--basic-auth" in result.stdout
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+def test_check_queue_may_be_given_more_than_once_and_comma_separated():
+    args, _ = parse("check", "--queue", "a, b", "--queue", "c")
+    assert args.queues == ["a", "b", "c"]
+    bad = run_cli("check", "--queue", "two words")
+    assert bad.returncode == 2 and "argument --queue: must be a name without spaces, got 'two words'" in bad.stdout
+
+
+def test_check_finds_a_worker_consuming_each_queue_named(pool):
+    # Given a pool consuming its own queue
+    # When check asks for that queue / Then some worker consumes it
+    served = run_cli("check", "--broker", pool.broker, "--queue", pool.queue, "--timeout", "2")
+    assert served.returncode == 0, served.stdout
+    assert pool.queue in served.stdout
+    # When it asks for that queue and one nobody consumes / Then it fails, naming that one only
+    unserved = run_cli(
+        "check", "--broker", pool.broker, "--queue", pool.queue, "--queue", "nobody-consumes-this", "--timeout", "2"
+    )
+    assert unserved.returncode == 1, unserved.stdout
+    assert "no worker consumes queue nobody-consumes-this" in unserved.stdout
+    assert pool.queue not in unserved.stdout.split("no worker consumes", 1)[1]
+
+
+def test_check_with_no_broker_says_the_embedded_default_needs_no_server():
+    result = run_cli("check")
+    assert result.returncode == 0, result.stdout
+    assert "embedded default needs no server" in result.stdout
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"luigi-celery {__version__}" == "luigi-celery 0.1.0"
+
+
+def test_a_bad_number_names_the_flag_and_the_value_and_no_function():
+    cases = [
+        ("run", "--queue-timeout", "abc", "--module", "examples.sales", "Report"),
+        ("run", "--connect-timeout", "nan", "--module", "examples.sales", "Report"),
+        ("check", "--timeout", "abc"),
+        ("check", "--timeout", "-1"),
+    ]
+    for command, flag, value, *rest in cases:
+        result = run_cli(command, flag, value, *rest)
+        assert result.returncode == 2
+        assert f"luigi-celery {command}: error: argument {flag}: must be a positive number, got {value!r}" in (
+            result.stdout
+        ), result.stdout
+
+
+def test_the_top_level_help_is_plain_text():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "``" not in result.stdout
+    for command in ("run", "worker", "flower", "check", "--version"):
+        assert command in result.stdout

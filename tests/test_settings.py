@@ -227,6 +227,8 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("connect_timeout", "soon"),
         ("connect_timeout", "0"),
         ("connect_timeout", "-1"),
+        ("connect_timeout", "nan"),
+        ("lock_ttl", "inf"),
         ("queue", "two words"),
         ("queue", "tab\there"),
         ("metrics_port", "70000"),
