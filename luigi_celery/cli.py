@@ -21,6 +21,7 @@ from luigi_celery.errors import LuigiCeleryError
 from luigi_celery.settings import (
     Settings,
     load_settings,
+    non_negative_number,
     port_number,
     positive_int,
     positive_number,
@@ -59,6 +60,7 @@ _queue_name = _flag(queue_name)
 _positive_float = _flag(positive_number)
 _positive_int = _flag(positive_int)
 _port = _flag(port_number)
+_non_negative_float = _flag(non_negative_number)
 
 
 class _CommaSeparated(argparse.Action):
@@ -153,6 +155,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "(default 1: one at a time, as Luigi does; more only if complete() is thread-safe)",
     )
     _add_metrics_flag(run)
+    run.add_argument(
+        "--metrics-final-wait",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="at the end, wait at most this long for Prometheus to scrape the final numbers, when it scrapes "
+        "the run (env LUIGI_CELERY_METRICS_FINAL_WAIT; default 60; 0: don't wait)",
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -209,6 +218,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "queue_timeout": getattr(args, "queue_timeout", None),
         "complete_checks": getattr(args, "complete_checks", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_final_wait": getattr(args, "metrics_final_wait", None),
     }
     include = getattr(args, "include", None)
     if include:

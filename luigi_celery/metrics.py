@@ -55,10 +55,6 @@ def hook(what: str) -> Iterator[None]:
         logger.exception("could not record %s", what)
 
 
-# The dispatcher waits at most this long at the end of a run for Prometheus to scrape its final numbers.
-FINAL_SCRAPE_TIMEOUT = 60.0
-
-
 # After the last scrape has collected everything, its response still has to be written.
 RESPONSE_WRITE_TIME = 0.2
 
@@ -117,17 +113,21 @@ class DispatcherMetrics:
 
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
-    def final_scrape(self, limit: float = FINAL_SCRAPE_TIMEOUT) -> bool:
+    def final_scrape(self, limit: float) -> bool:
         """Wait for one more scrape, so the run's final numbers reach Prometheus; True if it came.
 
-        A run nobody scrapes ends at once. Otherwise the wait is about one scrape
-        interval (two, at most ``limit``), as seen from the last two scrapes.
+        Only a scraper is waited for: something that scraped at least twice, and
+        recently for its interval (a ``curl`` now and then is not one). The wait is
+        then about one scrape interval (two, at most ``limit``); otherwise, and with
+        ``limit`` 0, the run ends at once.
         """
         times = list(self._scrapes.started)
-        if not times:
+        if limit <= 0 or len(times) < 2:
             return False
-        interval = times[-1] - times[-2] if len(times) > 1 else limit / 2
+        interval = times[-1] - times[-2]
         timeout = min(limit, 2 * interval + 1)
+        if time.monotonic() - times[-1] > timeout:
+            return False  # it stopped scraping: the next scrape is not coming
         logger.info("waiting up to %.0f s for Prometheus to scrape the run's final metrics", timeout)
         if not self._scrapes.wait_for_one_after(time.monotonic(), timeout):
             return False

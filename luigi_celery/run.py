@@ -146,7 +146,7 @@ def _run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressV
         for pool in embedded:
             pool.stop()
     if metrics is not None:
-        metrics.final_scrape()
+        metrics.final_scrape(settings.metrics_final_wait)
     if factory.worker is not None:
         report_failures(factory.worker)
     return code

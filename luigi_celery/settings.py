@@ -37,6 +37,8 @@ DEFAULT_QUEUE_TIMEOUT = 300.0
 # The dispatcher rides out a broker outage this long (reconnecting, retrying to publish)
 # before it fails the tasks in flight with the reason.
 DEFAULT_OUTAGE_TOLERANCE = 60.0
+# At the end of a run the dispatcher waits at most this long for Prometheus to scrape its final numbers.
+DEFAULT_METRICS_FINAL_WAIT = 60.0
 # Redis hands an unacknowledged message to another worker after this long; it
 # must exceed the longest task (a dead worker's task is recovered through its
 # run lock well before).
@@ -100,6 +102,8 @@ class Settings:
     rabbitmq_api_url: str | None = None
     # Serve Prometheus metrics on this port (`run`: the dispatcher's; `worker`: the worker's).
     metrics_port: int | None = None
+    # At the end of a run, wait at most this long for one more scrape (0: don't wait).
+    metrics_final_wait: float = DEFAULT_METRICS_FINAL_WAIT
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
     embedded_dir: str | None = None
     broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -135,6 +139,17 @@ def positive_number(value: str) -> float:
         number = 0.0
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"must be a positive number, got {value!r}")
+    return number
+
+
+def non_negative_number(value: str) -> float:
+    """A finite number, 0 or more (a wait that may be switched off)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"must be a number, 0 or more, got {value!r}")
     return number
 
 
@@ -180,6 +195,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outage_tolerance": positive_number,
     "complete_checks": positive_int,
     "metrics_port": port_number,
+    "metrics_final_wait": non_negative_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,
 }

@@ -138,3 +138,59 @@ def test_at_the_end_the_dispatcher_waits_for_one_more_scrape_only_when_it_is_scr
     began = time.monotonic()
     assert metrics.final_scrape(limit=5) is False
     assert time.monotonic() - began < 3
+
+
+def test_a_scrape_seen_once_or_long_ago_is_not_a_scraper_and_0_waits_for_none(caplog):
+    metrics = DispatcherMetrics()
+    # Given one scrape (a curl by hand)
+    generate_latest(metrics.registry)
+    # Then the end of the run waits for nothing, and says nothing about waiting
+    began = time.monotonic()
+    with caplog.at_level("INFO", logger="luigi_celery"):
+        assert metrics.final_scrape(limit=60) is False
+    assert time.monotonic() - began < 0.1
+    assert "waiting" not in caplog.text
+    # Given two scrapes 0.1 s apart, and then none for 1.5 s (over two intervals and a second)
+    generate_latest(metrics.registry)
+    time.sleep(1.5)
+    # Then the scraper is gone: no wait
+    began = time.monotonic()
+    assert metrics.final_scrape(limit=60) is False
+    assert time.monotonic() - began < 0.1
+    # Given a scraper at work, and a final wait of 0
+    generate_latest(metrics.registry)
+    generate_latest(metrics.registry)
+    began = time.monotonic()
+    # Then no wait either
+    assert metrics.final_scrape(limit=0) is False
+    assert time.monotonic() - began < 0.1
+
+
+def test_a_dispatcher_scraped_once_by_hand_ends_with_its_run(redis_pool, tmp_path):
+    # Given a run serving its metrics, scraped once while it runs (a curl, not Prometheus)
+    port = free_port()
+    run = subprocess.Popen(
+        redis_pool.command("--module", "tests.pipelines", "ManySlow", "--count", "1", "--seconds", "2",
+                           "--out", str(tmp_path), "--workers", "2", "--metrics-port", str(port)),
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline, samples = time.time() + 30, {}
+    while not total(samples, "luigi_celery_dispatched_total") and time.time() < deadline:
+        time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            samples = scrape(port)
+    assert total(samples, "luigi_celery_dispatched_total") == 1
+    # When the run ends / Then the dispatcher exits with it: it does not wait for another scrape
+    output, _ = run.communicate(timeout=20)
+    assert run.returncode == 0, output[-3000:]
+    assert "waiting up to" not in output
+
+
+def test_the_final_wait_is_a_flag_and_a_setting():
+    bad = run_cli("run", "--metrics-final-wait", "-1", "--module", "examples.sales", "Report")
+    assert bad.returncode == 2
+    assert "argument --metrics-final-wait: must be a number, 0 or more, got '-1'" in bad.stdout
+    from luigi_celery.settings import load_settings
+
+    assert load_settings(env={"LUIGI_CELERY_METRICS_FINAL_WAIT": "0"}, use_luigi_config=False).metrics_final_wait == 0
+    assert load_settings(env={}, use_luigi_config=False).metrics_final_wait == 60
