@@ -169,6 +169,11 @@ class ResultWatcher(threading.Thread):
                 self._consume()
                 return
             except Exception as e:  # the broker went away: reconnect, never die silently
+                if self._stopping.is_set():
+                    # The run is closing: its reply queue (or the embedded broker's folder) is
+                    # being removed under the consumer. Nothing was lost.
+                    logger.debug("result watcher stopped: %s", e)
+                    return
                 now = time.monotonic()
                 if self._down_since is None:
                     self._down_since = now
