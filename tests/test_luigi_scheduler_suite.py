@@ -1,8 +1,9 @@
 """Luigi's own scheduler and worker tests, run against FastScheduler.
 
-Luigi's wheel does not ship its tests, so this downloads the sdist of the installed
-Luigi once (into ``.cache/``, which git ignores) and runs the files that exercise the
-scheduler, with ``luigi.scheduler.Scheduler`` replaced by FastScheduler.
+Luigi's wheel does not ship its tests: ``scripts/setup test`` fetches the sdist of the
+installed Luigi once (into ``.cache/``, which git ignores; ``tests/luigi_suite/fetch.py``),
+and this runs the files that exercise the scheduler, with ``luigi.scheduler.Scheduler``
+replaced by FastScheduler.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
-from importlib.metadata import version
 from pathlib import Path
+
+from tests.luigi_suite.fetch import fetched, tests_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = [
@@ -37,19 +38,9 @@ FAILING_WITHOUT_US = [
 
 
 def luigi_tests() -> Path:
-    """Luigi's test directory for the installed version, downloaded once."""
-    release = version("luigi")
-    cache = ROOT / ".cache" / f"luigi-{release}"
-    tests = cache / "test"
-    if not (tests / "helpers.py").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"luigi=={release}", "--dest", str(cache)], check=True)  # fmt: skip
-        with tarfile.open(cache / f"luigi-{release}.tar.gz") as sdist:
-            members = [m for m in sdist.getmembers() if m.name.startswith(f"luigi-{release}/test/")]
-            for member in members:
-                member.name = member.name.removeprefix(f"luigi-{release}/")
-            sdist.extractall(cache, members=members, filter="data")
+    """Luigi's test directory for the installed version, fetched by ``scripts/setup test``."""
+    tests = tests_folder()
+    assert fetched(), f"Luigi's own tests are not in {tests}: run scripts/setup test (scripts/test does)"
     return tests
 
 
