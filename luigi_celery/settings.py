@@ -107,6 +107,9 @@ class Settings:
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
     embedded_dir: str | None = None
     broker_transport_options: Mapping[str, Any] = field(default_factory=dict)
+    # A secret shared by dispatchers and workers: when set, every task message and reply
+    # carries an HMAC of it, and what does not verify is refused.
+    secret: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -119,6 +122,7 @@ class Settings:
         shown["redis_url"] = redact(self.redis_url) if self.redis_url else None
         shown["rabbitmq_api_url"] = redact(self.rabbitmq_api_url) if self.rabbitmq_api_url else None
         shown["broker_transport_options"] = _redact_options(self.broker_transport_options)
+        shown["secret"] = "****" if self.secret else None
         inner = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"Settings({inner})"
 
@@ -198,6 +202,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_final_wait": non_negative_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,
+    "secret": str,
 }
 
 

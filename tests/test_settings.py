@@ -331,16 +331,21 @@ def test_redact_never_raises(url: str) -> None:
 
 def test_the_repr_of_the_settings_never_shows_a_password() -> None:
     # Given settings with passwords in the broker and the result backend URLs
-    settings = Settings(broker_url="redis://:secret@host:6379/0", result_backend="amqp://user:secret@host//")
+    settings = Settings(broker_url="redis://:hunter2@host:6379/0", result_backend="amqp://user:hunter2@host//")
 
     # When they are shown (in a log line, a traceback, a debugger)
     text = repr(settings)
 
     # Then neither password appears, but the hosts do
-    assert "secret" not in text
+    assert "hunter2" not in text
     assert "redis://:****@host:6379/0" in text
     assert "amqp://user:****@host//" in text
     assert str(settings) == text
+
+
+def test_the_repr_of_the_settings_hides_the_message_secret() -> None:
+    assert "s3cr3t" not in repr(Settings(secret="s3cr3t"))
+    assert "secret='****'" in repr(Settings(secret="s3cr3t"))
 
 
 def test_the_repr_of_embedded_settings_shows_no_broker() -> None:
@@ -352,11 +357,11 @@ def test_the_repr_of_the_settings_hides_a_password_in_the_transport_options() ->
     # Given Redis Sentinel settings whose password is a transport option, as Celery documents it
     settings = Settings(
         broker_url="sentinel://h1:26379",
-        broker_transport_options={"master_name": "main", "sentinel_kwargs": {"password": "secret"}},
+        broker_transport_options={"master_name": "main", "sentinel_kwargs": {"password": "hunter2"}},
     )
 
     # When they are shown / Then the password does not appear
-    assert "secret" not in repr(settings)
+    assert "hunter2" not in repr(settings)
 
 
 # --- the object itself ----------------------------------------------------------------
