@@ -18,6 +18,7 @@ from celery.app.amqp import AMQP
 from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
 from luigi_celery.errors import ConfigError
 from luigi_celery.execute import register_execute
+from luigi_celery.guard import OnlyExecute, RestrictControl, refuse_compressed_messages
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
@@ -106,7 +107,12 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         transport_options = embedded_transport_options(settings.embedded_dir)
     transport_options.update(settings.broker_transport_options)
 
-    app = Celery("luigi_celery", set_as_current=False, amqp=_AMQP)
+    # Anyone who can publish on the broker can send a worker (or the dispatcher's reply
+    # queue) a message: the app runs luigi-celery's task alone, from uncompressed JSON
+    # messages, and answers a few remote-control commands (guard.py).
+    refuse_compressed_messages()
+    app = Celery("luigi_celery", set_as_current=False, amqp=_AMQP, tasks=OnlyExecute())
+    app.steps["consumer"].add(RestrictControl)
     app.conf.update(
         broker_url=broker_url,
         broker_transport=transport,
@@ -148,6 +154,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
         make_limiter(settings),
         worker_metrics,
         run_over=ReplyQueueCheck(app) if rabbitmq and not url else None,
+        secret=settings.secret,
     )
     return app
 

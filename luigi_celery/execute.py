@@ -48,11 +48,6 @@ HEARTBEATS_PER_TTL = 6
 STARTED_NOTICE_AFTER = 0.2
 
 
-def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
-    """True when ``module`` is in the allowlist or inside an allowed package."""
-    return any(module == a or module.startswith(a + ".") for a in allowed)
-
-
 def timeout_explanation(task_id: str, seconds: float | int | None) -> str:
     # The same words stock Luigi uses for a task it kills on worker_timeout.
     return f"Task {task_id} timed out after {seconds} seconds and was terminated."
@@ -166,7 +161,7 @@ def _as_text(expl: Any) -> str:
 
 def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.ResultMessage:
     """The Luigi task ``msg`` names, or a FAILED result saying why it cannot be had here."""
-    if not module_allowed(msg.module, allowed):
+    if not m.module_allowed(msg.module, allowed):
         logger.warning("refused %s: module %r is not in the allowlist", msg.celery_id, msg.module)
         return _failed(
             msg,
@@ -377,6 +372,7 @@ def _partial_message(kwargs: dict[str, Any]) -> m.TaskMessage | None:
     if not all(isinstance(data.get(f), str) for f in fields):
         return None
     attempt = data.get("attempt")
+    token = data.get("token")
     return m.TaskMessage(
         task_id=data["task_id"],
         module=str(data.get("module")),
@@ -385,6 +381,8 @@ def _partial_message(kwargs: dict[str, Any]) -> m.TaskMessage | None:
         attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1,
         run_id=data["run_id"],
         reply_to=data["reply_to"],
+        # (a reply without the attempt's own token is dropped by its dispatcher: nothing to echo, nothing to hear)
+        token=token if isinstance(token, str) else "",
     )
 
 
@@ -395,6 +393,10 @@ class ExecuteTask(Task):
     # counted in the message against the Luigi task's max_retries. (``retry(max_retries=None)``
     # alone means "the task's default", 3, and a task re-queued for its slot a 4th time failed.)
     max_retries = None
+    # Each message is checked in the worker's main process before a pool process sees it.
+    Strategy = "luigi_celery.guard:strategy"
+    # Signs the replies on_failure sends (set by register_execute).
+    secret: str | None = None
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         # Runs in the worker's main process on a hard time limit, and in the child
@@ -410,7 +412,7 @@ class ExecuteTask(Task):
         else:
             result = _failed(msg, f"luigi-celery failed to run {msg.task_id}: {exc!r}\n{einfo}")
         try:
-            publish_reply(self.app, msg.reply_to, result.to_dict())
+            publish_reply(self.app, msg.reply_to, m.sign(result.to_dict(), self.secret))
         except Exception:
             logger.exception("could not report the failure of %s", msg.task_id)
 
@@ -447,17 +449,19 @@ def register_execute(
     limiter: Limiter | None = None,
     metrics: WorkerMetrics | None = None,
     run_over: Callable[[m.TaskMessage], bool] | None = None,
+    secret: str | None = None,
 ) -> Task:
     """Add the execute task to ``app``.
 
     ``allowed`` is the module allowlist, ``store`` holds run locks, ``limiter``
     enforces rate limits where tasks start (None: the dispatcher paces instead),
     ``metrics`` counts what the tasks did (None: nothing is counted),
-    ``run_over`` tells, where there is no store, whether a message's run is over.
+    ``run_over`` tells, where there is no store, whether a message's run is over,
+    ``secret`` (if any) signs replies and must have signed every message.
     """
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
-        publish_reply(app, reply_to, payload)
+        publish_reply(app, reply_to, m.sign(payload, secret))
 
     @app.task(
         name=m.TASK_NAME,
@@ -469,8 +473,14 @@ def register_execute(
         acks_late=True,
         reject_on_worker_lost=True,
         throws=(LuigiTaskFailed,),  # an expected outcome: Celery logs it without its own traceback
+        secret=secret,
     )
     def execute(self: Task, *args: Any, **kwargs: Any) -> str:
+        try:
+            m.verify(kwargs.get("message"), secret)
+        except MessageError as e:
+            # Whoever sent it does not know the secret: its reply_to is not to be trusted either.
+            raise Reject(f"rejected message: {e}", requeue=False) from e
         try:
             if args or set(kwargs) != {"message"}:
                 raise MessageError("expected exactly one keyword argument, 'message'")
@@ -504,7 +514,8 @@ def register_execute(
                 _hold(publish, msg, wait)
                 delivery.rate_limited(wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
-                raise self.retry(countdown=wait, max_retries=None, kwargs={"message": reserved.to_dict()})
+                again = {"message": m.sign(reserved.to_dict(), secret)}
+                raise self.retry(countdown=wait, max_retries=None, kwargs=again)
 
         with run_lock(store, msg, lock_ttl, run_over) as lease:
             if lease.ended:
@@ -541,6 +552,6 @@ def register_execute(
         RemoteStatusReporter(publish, msg).update_status_message(text)
         _hold(publish, msg, delay)
         again = dataclasses.replace(msg, failures=failures, rate_slot=None, sent_at=time.time() + delay)
-        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": again.to_dict()})
+        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": m.sign(again.to_dict(), secret)})
 
     return execute

@@ -4,6 +4,12 @@ Every message is a JSON object with a protocol version ``v`` and a ``kind``.
 Nothing here ever unpickles: a message is plain data, validated field by
 field, and anything that does not fit raises :class:`MessageError`.
 
+Anyone who can publish on the broker can publish a message, so a reply counts
+only when it answers an attempt the dispatcher really sent: each attempt
+carries a random ``token``, part of its Celery id, which the worker echoes.
+With a shared secret (``LUIGI_CELERY_SECRET``) every message and reply also
+carries an HMAC of its content, :func:`sign` and :func:`verify`.
+
 A task travels as (module, family, str params), the same triple Luigi uses
 for dynamic dependencies, so :func:`check_dispatchable` makes sure a task can
 be rebuilt from that triple on another machine before it is sent.
@@ -12,9 +18,13 @@ be rebuilt from that triple on another machine before it is sent.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import luigi
 from luigi.parameter import ParameterVisibility
@@ -22,7 +32,7 @@ from luigi.task_register import Register, TaskClassException
 
 from luigi_celery.errors import DispatchRefused, MessageError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the per-attempt token and the optional signature
 TASK_NAME = "luigi_celery.execute"
 
 # Luigi statuses a worker may report back.
@@ -48,30 +58,80 @@ EVENTS = frozenset({"timeout"})
 # A dispatcher's session id is 32 hex digits; a message's may be no longer than this.
 MAX_SESSION_LENGTH = 64
 
+# A task message or a reply is a few hundred bytes of JSON, a few KiB with large parameters or a
+# long traceback: past this it is refused before it is decoded.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+# The field of a message or reply that holds its HMAC, when a secret is set.
+SIGNATURE = "sig"
+
 M = TypeVar("M")
 
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 
-def celery_task_id(luigi_task_id: str, attempt: int) -> str:
+
+def new_token() -> str:
+    """An attempt's token: 128 random bits, so nobody can guess a reply into a run."""
+    return secrets.token_hex(16)
+
+
+def celery_task_id(luigi_task_id: str, attempt: int, token: str) -> str:
     """The Celery task id for one attempt at one Luigi task.
 
-    Deterministic, so a dispatcher can find its work again; includes the
-    attempt, so a task that runs twice (dynamic dependencies) never confuses
-    the first run's reply with the second's.  Luigi task ids can be long, so
-    the id is a readable prefix plus a digest of the whole id.
+    A readable prefix of the Luigi task id (they can be long), a digest of the
+    whole id (so a restarted dispatcher finds its task among the attempts the
+    coordination store saw started), the attempt, and the attempt's random
+    token: nobody can revoke or answer an attempt whose id they did not see.
     """
-    return f"{luigi_task_id[:80]}.{task_digest(luigi_task_id)}.{attempt}"
+    return f"{luigi_task_id[:80]}.{task_digest(luigi_task_id)}.{attempt}.{token}"
 
 
 def task_digest(luigi_task_id: str) -> str:
     return hashlib.sha1(luigi_task_id.encode()).hexdigest()[:16]
 
 
-def parse_celery_id(celery_id: str) -> tuple[str, int] | None:
-    """(task digest, attempt) of an id made by :func:`celery_task_id`, else None."""
-    parts = celery_id.rsplit(".", 2)
-    if len(parts) != 3 or len(parts[1]) != 16 or not parts[2].isdigit():
+class CeleryId(NamedTuple):
+    digest: str
+    attempt: int
+    token: str
+
+
+def parse_celery_id(celery_id: str) -> CeleryId | None:
+    """The parts of an id made by :func:`celery_task_id`, else None."""
+    parts = celery_id.rsplit(".", 3)
+    if len(parts) != 4 or len(parts[1]) != 16 or not parts[2].isdigit() or not _TOKEN.fullmatch(parts[3]):
         return None
-    return parts[1], int(parts[2])
+    return CeleryId(parts[1], int(parts[2]), parts[3])
+
+
+def module_allowed(module: str, allowed: Iterable[str]) -> bool:
+    """True when ``module`` is in the allowlist or inside an allowed package."""
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def _signed_text(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in payload.items() if k != SIGNATURE}, sort_keys=True,
+                      separators=(",", ":")).encode()  # fmt: skip
+
+
+def sign(payload: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """``payload`` with its HMAC-SHA256 under ``secret`` (unchanged without a secret)."""
+    if not secret:
+        return payload
+    digest = hmac.new(secret.encode(), _signed_text(payload), hashlib.sha256).hexdigest()
+    return {**payload, SIGNATURE: digest}
+
+
+def verify(payload: object, secret: str | None) -> None:
+    """Raise :class:`MessageError` unless ``payload`` carries a valid HMAC under ``secret``
+    (without a secret, everything passes)."""
+    if not secret:
+        return
+    if not isinstance(payload, Mapping) or not isinstance(payload.get(SIGNATURE), str):
+        raise MessageError("unsigned message (a secret is set: every message must be signed with it)")
+    expected = hmac.new(secret.encode(), _signed_text(payload), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, payload[SIGNATURE]):
+        raise MessageError("bad signature (signed with another secret, or changed on the way)")
 
 
 def _require(data: Mapping[str, Any], name: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:
@@ -130,12 +190,14 @@ class TaskMessage:
     # The dispatcher that sent it (random, one per `luigi-celery run` process). Once that
     # dispatcher has closed its run, or was interrupted, a worker drops the message unrun.
     session: str | None = None
+    # This attempt's random token (a new one each attempt), echoed by every reply to it.
+    token: str = field(default_factory=new_token)
 
     kind = "task"
 
     @property
     def celery_id(self) -> str:
-        return celery_task_id(self.task_id, self.attempt)
+        return celery_task_id(self.task_id, self.attempt, self.token)
 
     def to_dict(self) -> dict[str, Any]:
         return {"v": PROTOCOL_VERSION, "kind": self.kind, **asdict(self)}
@@ -155,6 +217,9 @@ class TaskMessage:
         session = _require(data, "session", (str,), nullable=True)
         if session is not None and not 0 < len(session) <= MAX_SESSION_LENGTH:
             raise MessageError(f"field 'session' must be 1 to {MAX_SESSION_LENGTH} characters")
+        token = _require(data, "token", (str,))
+        if not _TOKEN.fullmatch(token):
+            raise MessageError("field 'token' must be 32 hex digits")
         return cls(
             task_id=_require(data, "task_id", (str,)),
             module=_require(data, "module", (str,)),
@@ -170,6 +235,7 @@ class TaskMessage:
             rate_slot=_require(data, "rate_slot", (int, float), nullable=True),
             sent_at=_require(data, "sent_at", (int, float), nullable=True),
             session=session,
+            token=token,
         )
 
 

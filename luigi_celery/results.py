@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from luigi_celery.message import MAX_MESSAGE_BYTES
 from luigi_celery.settings import DEFAULT_OUTAGE_TOLERANCE, redact
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class ResultWatcher(threading.Thread):
             conn.ensure_connection(max_retries=1)
             with conn.Consumer(
                 self._queue,
-                callbacks=[self._deliver],
+                on_message=self._on_message,
                 accept=["json"],
                 no_ack=True,
                 on_decode_error=self._on_decode_error,
@@ -213,7 +214,18 @@ class ResultWatcher(threading.Thread):
         except Exception:
             logger.exception("result watcher tick failed")
 
-    def _deliver(self, body: Any, message: Any) -> None:
+    def _on_message(self, message: Any) -> None:
+        # Anyone on the broker can publish here: the size is checked before the JSON is read
+        # (and kombu refuses to inflate a compressed message: guard.py).
+        size = len(message.body or b"")
+        if size > MAX_MESSAGE_BYTES:
+            logger.error("dropped a reply of %d bytes (at most %d)", size, MAX_MESSAGE_BYTES)
+            return
+        try:
+            body = message.decode()
+        except Exception as e:
+            self._on_decode_error(message, e)
+            return
         try:
             self._on_reply(body)
         except Exception:

@@ -113,6 +113,12 @@ class Sender:
         self._warned_unshared = False
         # replies that came for adoptable ids before Luigi asked for their task
         self._early: dict[str, m.ResultMessage] = {}
+        # Every Celery id this dispatcher published or adopted: a reply for any other id was
+        # not asked for (forged, or another run's), and is dropped.
+        self._issued: set[str] = set()
+        # Modules whose tasks a reply may name as dynamic dependencies (the dispatcher imports
+        # them): those of the tasks this run sends, their packages, and the task_modules setting.
+        self._modules: set[str] = set(settings.task_modules)
         # Tasks waiting on purpose (a rate slot, a retry) by Luigi task id, and the thread
         # that publishes rate-limited tasks when their slot is due.
         self._waits = Waits()
@@ -262,6 +268,7 @@ class Sender:
             worker_timeout=flight.worker_timeout or None,
             session=self.session,
         )
+        self._allow_module(task.task_module)
         publish_options: dict[str, Any] = {"queue": options.queue or self.settings.queue, "priority": options.priority}
         if msg.worker_timeout:
             publish_options["soft_time_limit"] = msg.worker_timeout
@@ -303,17 +310,20 @@ class Sender:
             celery_ids = self._adoptable.pop(m.task_digest(tracked.msg.task_id), None)
             if not celery_ids:
                 return False
-            attempts = sorted(celery_ids, key=lambda cid: (m.parse_celery_id(cid) or ("", 0))[1])
-            last = (m.parse_celery_id(attempts[-1]) or ("", 1))[1]
-            self._attempts[tracked.msg.task_id] = last
-            tracked.msg = dataclasses.replace(tracked.msg, attempt=last)
+            parsed = sorted((m.parse_celery_id(cid), cid) for cid in celery_ids)  # (all parse: see _claim_run)
+            attempts = [cid for _, cid in parsed]
+            last = parsed[-1][0]
+            assert last is not None
+            self._attempts[tracked.msg.task_id] = last.attempt
+            tracked.msg = dataclasses.replace(tracked.msg, attempt=last.attempt, token=last.token)
             tracked.celery_ids.extend(attempts)
+            self._issued.update(attempts)
             tracked.started = True
             early = next((self._early.pop(cid) for cid in attempts if cid in self._early), None)
             if early is None:
                 for cid in attempts:
                     self._in_flight[cid] = tracked
-        logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id, last)
+        logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id, last.attempt)
         if early is not None:
             tracked.flight.on_result(early)  # it finished while no dispatcher watched
         else:  # a worker has it: running, not queued
@@ -336,9 +346,10 @@ class Sender:
         task_id = tracked.msg.task_id
         with self._lock:
             self._attempts[task_id] += 1
-            tracked.msg = dataclasses.replace(tracked.msg, attempt=self._attempts[task_id])
+            tracked.msg = dataclasses.replace(tracked.msg, attempt=self._attempts[task_id], token=m.new_token())
             celery_id = tracked.msg.celery_id
             tracked.celery_ids.append(celery_id)
+            self._issued.add(celery_id)
             # Registered before publishing: a fast worker can reply before publish() returns.
             self._in_flight[celery_id] = tracked
         if delay > 0:
@@ -360,7 +371,7 @@ class Sender:
     def _send(self, tracked: Tracked, celery_id: str, batched: bool = False) -> None:
         task_id = tracked.msg.task_id
         tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
-        kwargs = {"message": tracked.msg.to_dict()}
+        kwargs = {"message": m.sign(tracked.msg.to_dict(), self.settings.secret)}
         producer = self._batch_producer() if batched else None
         try:
             self.app.send_task(
@@ -490,12 +501,25 @@ class Sender:
 
     # --- replies (watcher thread) --------------------------------------------
 
+    def _allow_module(self, module: str) -> None:
+        if module not in self._modules:
+            with self._lock:
+                # (dynamic dependencies often come from a sibling module: the package is allowed too)
+                self._modules.update(name for name in (module, module.rpartition(".")[0]) if name)
+
     def _on_reply(self, data: object) -> None:
         try:
+            m.verify(data, self.settings.secret)
             reply = m.parse_reply(data)
         except MessageError as e:
             logger.error("dropped an invalid reply on %s: %s", self.reply_to, e)
             return
+        if reply.celery_id not in self._issued and not self._adoptable_id(reply.celery_id):
+            # Anyone on the broker can publish here; only an attempt's own token answers it.
+            logger.warning("dropped a reply for %s, an attempt this run did not send", reply.celery_id[:200])
+            return
+        if isinstance(reply, m.ResultMessage) and reply.new_deps:
+            reply = self._check_new_deps(reply)
         with self._lock:
             tracked = self._in_flight.get(reply.celery_id)
             if tracked is not None and isinstance(reply, m.ResultMessage):
@@ -517,6 +541,20 @@ class Sender:
             tracked.flight.on_result(reply)
         else:
             tracked.flight.on_status(reply)
+
+    def _check_new_deps(self, reply: m.ResultMessage) -> m.ResultMessage:
+        """``reply``, or a FAILED one when it names a dynamic dependency from a module this
+        run does not use: the dispatcher would import that module to build the task."""
+        with self._lock:
+            refused = sorted({mod for mod, _, _ in reply.new_deps if not m.module_allowed(mod, self._modules)})
+        if not refused:
+            return reply
+        expl = (
+            f"{reply.task_id}: refused its dynamic dependencies from module(s) {', '.join(map(repr, refused))}: "
+            f"not a module (or package) of this run's tasks nor in task_modules (LUIGI_CELERY_TASK_MODULES)"
+        )
+        logger.error("%s", expl)
+        return dataclasses.replace(reply, status=m.FAILED, expl=expl, new_deps=[], missing=[])
 
     def _adoptable_id(self, celery_id: str) -> bool:
         parsed = m.parse_celery_id(celery_id)

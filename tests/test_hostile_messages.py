@@ -141,7 +141,7 @@ def test_a_thousand_hostile_messages_between_real_tasks(fresh_pool, tmp_path, br
             elif kind == "plain-text":
                 producer.publish(b"rm -rf /", routing_key=pool.queue, content_type="text/plain")
             elif kind == "wrong-schema":
-                app.send_task(m.TASK_NAME, kwargs={"message": {"v": 1, "kind": "task", "task_id": i}},
+                app.send_task(m.TASK_NAME, kwargs={"message": {"v": m.PROTOCOL_VERSION, "kind": "task", "task_id": i}},
                               queue=pool.queue, task_id=f"hostile-{i}")  # fmt: skip
             elif kind == "disallowed":
                 msg = _task_message(reply_to=reply_to, module="tests.pipelines_other", family="Elsewhere",

@@ -76,7 +76,7 @@ def test_a_task_message_survives_the_trip_through_json() -> None:
 
     # Then it is the same message
     assert received == sent
-    assert received.celery_id == m.celery_task_id(sent.task_id, sent.attempt)
+    assert received.celery_id == m.celery_task_id(sent.task_id, sent.attempt, sent.token)
 
 
 def test_a_task_message_without_a_time_limit_survives_the_trip_through_json() -> None:
@@ -151,7 +151,7 @@ def _bad_envelopes(parse: MessageParser, good: dict[str, Any]) -> list[Any]:
         pytest.param(parse, "a string", "JSON object", id=f"{kind}: a string"),
         pytest.param(parse, None, "JSON object", id=f"{kind}: None"),
         pytest.param(parse, without(good, "v"), "version", id=f"{kind}: no version"),
-        pytest.param(parse, changed(good, v=2), "version", id=f"{kind}: version 2"),
+        pytest.param(parse, changed(good, v=3), "version", id=f"{kind}: version 3"),
         pytest.param(parse, changed(good, v="1"), "version", id=f"{kind}: version as a string"),
         pytest.param(parse, without(good, "kind"), "kind", id=f"{kind}: no kind"),
     ]
@@ -372,21 +372,37 @@ def test_parse_reply_still_checks_the_reply_it_recognises() -> None:
 
 # --- celery_task_id --------------------------------------------------------------
 
+TOKEN = "0123456789abcdef0123456789abcdef"
 
-def test_celery_task_id_is_the_same_for_the_same_attempt() -> None:
-    # Given one Luigi task id and attempt
+
+def test_celery_task_id_is_the_same_for_the_same_attempt_and_token() -> None:
+    # Given one Luigi task id, attempt and token
     # When the Celery id is computed twice / Then it is the same
-    assert m.celery_task_id("Sales_2024_01_01_abc", 1) == m.celery_task_id("Sales_2024_01_01_abc", 1)
+    assert m.celery_task_id("Sales_2024_01_01_abc", 1, TOKEN) == m.celery_task_id("Sales_2024_01_01_abc", 1, TOKEN)
 
 
-def test_celery_task_id_differs_by_attempt_and_by_task() -> None:
-    # Given two attempts at one task, and the same attempt at another task
-    first = m.celery_task_id("Sales_2024_01_01_abc", 1)
-    second = m.celery_task_id("Sales_2024_01_01_abc", 2)
-    other = m.celery_task_id("Sales_2024_01_02_abd", 1)
+def test_celery_task_id_differs_by_attempt_by_task_and_by_token() -> None:
+    # Given two attempts at one task, the same attempt at another task, and another token
+    first = m.celery_task_id("Sales_2024_01_01_abc", 1, TOKEN)
+    second = m.celery_task_id("Sales_2024_01_01_abc", 2, TOKEN)
+    other = m.celery_task_id("Sales_2024_01_02_abd", 1, TOKEN)
+    guessed = m.celery_task_id("Sales_2024_01_01_abc", 1, m.new_token())
 
-    # Then all three ids differ
-    assert len({first, second, other}) == 3
+    # Then all four ids differ
+    assert len({first, second, other, guessed}) == 4
+
+
+def test_a_celery_id_gives_back_its_digest_attempt_and_token_and_nothing_else_parses() -> None:
+    cid = m.celery_task_id("Sales_2024.01.01_abc", 3, TOKEN)
+    assert m.parse_celery_id(cid) == (m.task_digest("Sales_2024.01.01_abc"), 3, TOKEN)
+    for bad in ("Sales.0123456789abcdef.3", cid[:-1], cid + "0", "x.short.1." + TOKEN, str(__import__("uuid").uuid4())):
+        assert m.parse_celery_id(bad) is None, bad
+
+
+def test_every_task_message_gets_a_token_of_its_own() -> None:
+    one, two = a_task_message(), a_task_message()
+    assert one.token != two.token and len(one.token) == 32
+    assert one.celery_id != two.celery_id
 
 
 def test_celery_task_id_stays_short_for_a_long_task_id_but_tells_long_ids_apart() -> None:
@@ -395,11 +411,11 @@ def test_celery_task_id_stays_short_for_a_long_task_id_but_tells_long_ids_apart(
     one, two = prefix + "_one", prefix + "_two"
 
     # When their Celery ids are computed
-    id_one, id_two = m.celery_task_id(one, 1), m.celery_task_id(two, 1)
+    id_one, id_two = m.celery_task_id(one, 1, TOKEN), m.celery_task_id(two, 1, TOKEN)
 
     # Then both are short, readable, and different
-    assert len(id_one) <= 120
-    assert len(id_two) <= 120
+    assert len(id_one) <= 160
+    assert len(id_two) <= 160
     assert id_one.startswith("VeryLongTaskFamilyName_")
     assert id_one != id_two
 
@@ -408,8 +424,35 @@ def test_a_task_message_knows_its_celery_id() -> None:
     # Given a task message
     msg = a_task_message()
 
-    # Then its Celery id is the one for its task and attempt
-    assert msg.celery_id == m.celery_task_id(msg.task_id, msg.attempt)
+    # Then its Celery id is the one for its task, attempt and token
+    assert msg.celery_id == m.celery_task_id(msg.task_id, msg.attempt, msg.token)
+
+
+def test_a_task_message_without_a_proper_token_is_malformed() -> None:
+    for token in (None, "", "guess", TOKEN.upper(), TOKEN + "00"):
+        data = {**a_task_message().to_dict(), "token": token}
+        with pytest.raises(MessageError, match="token"):
+            m.TaskMessage.from_dict(over_the_wire(data))
+
+
+# --- signatures ------------------------------------------------------------------
+
+
+def test_a_signed_message_verifies_and_any_change_or_another_secret_does_not() -> None:
+    payload = a_task_message().to_dict()
+    signed = m.sign(payload, "s3cret")
+    m.verify(over_the_wire(signed), "s3cret")  # no error
+    m.verify(payload, None)  # no secret: nothing to check
+    assert m.sign(payload, None) == payload
+    for forged, why in [
+        (payload, "unsigned"),
+        (m.sign(payload, "another"), "bad signature"),
+        ({**signed, "module": "os"}, "bad signature"),
+        ({**signed, "sig": 42}, "unsigned"),
+        ("not an object", "unsigned"),
+    ]:
+        with pytest.raises(MessageError, match=why):
+            m.verify(forged, "s3cret")
 
 
 # --- check_dispatchable ----------------------------------------------------------
