@@ -360,8 +360,26 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
         _serve_or_fail(functools.partial(metrics.serve, port, depth, PoolProcessesCollector()), port)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
-    app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
-    return EXIT_OK
+    # Celery's exit code: non-zero after an unrecoverable error, so a supervisor restarts the worker.
+    return _start_celery(app, [*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
+
+
+def _start_celery(app: Any, argv: list[str]) -> int:
+    """``celery`` for ``app`` (as ``app.start(argv)``), returning its exit code.
+
+    ``app.start`` drops it: a worker stopped by an unrecoverable error exited 0, and a
+    supervisor that restarts only on failure left it down."""
+    import click
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    except click.ClickException as e:  # a bad option: one line, not click's traceback
+        raise LuigiCeleryError(e.format_message()) from e
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def _consumed_queues(celery_argv: Sequence[str]) -> list[str]:
@@ -436,8 +454,7 @@ def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
         # Workers send task events only when asked. Flower asks every 5 s, the first time 5 s
         # after it starts: ask now, so it sees the tasks of a run that starts right away.
         app.control.enable_events()
-    app.start(["flower", *flower_argv])
-    return EXIT_OK
+    return _start_celery(app, ["flower", *flower_argv])
 
 
 def _events_refused(flower_argv: Sequence[str]) -> bool:

@@ -514,8 +514,8 @@ def register_execute(
                 _hold(publish, msg, wait)
                 delivery.rate_limited(wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
-                again = {"message": m.sign(reserved.to_dict(), secret)}
-                raise self.retry(countdown=wait, max_retries=None, kwargs=again)
+                held = {"message": m.sign(reserved.to_dict(), secret)}
+                raise self.retry(countdown=wait, max_retries=None, kwargs=held)
 
         with run_lock(store, msg, lock_ttl, run_over) as lease:
             if lease.ended:

@@ -128,13 +128,23 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     return guarded
 
 
+class _AllowedCommands(dict[str, Any]):
+    """Celery's command handlers, the allowed ones only; any other command is refused in one log line."""
+
+    def __missing__(self, name: str) -> Any:
+        def refused(state: Any, **arguments: Any) -> dict[str, str]:
+            logger.warning("refused remote-control command %.100r: luigi-celery workers do not answer it", name)
+            return {"error": f"refused: luigi-celery workers do not answer {name!r}"}
+
+        return refused
+
+
 class RestrictControl(bootsteps.Step):
-    """Answers only :data:`CONTROL_COMMANDS`; any other command is Celery's "No such control command"."""
+    """The worker answers :data:`CONTROL_COMMANDS` only (a consumer bootstep of luigi-celery's app)."""
 
     requires = (Control,)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
-        control = parent.blueprint.steps[Control.name]
-        node = control.box.node
-        node.handlers = {name: fn for name, fn in node.handlers.items() if name in CONTROL_COMMANDS}
+        node = parent.blueprint.steps[Control.name].box.node
+        node.handlers = _AllowedCommands({name: fn for name, fn in node.handlers.items() if name in CONTROL_COMMANDS})
         super().__init__(parent, **kwargs)

@@ -8,7 +8,9 @@ unpickled), and keep serving real work afterwards.
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
+import socket
 import subprocess
 import time
 import uuid
@@ -169,3 +171,86 @@ def test_a_thousand_hostile_messages_between_real_tasks(fresh_pool, tmp_path, br
         time.sleep(0.5)
     logs = pool.logs()
     assert {w: records(logs, w) for w in expected} == expected
+
+
+# --- what a worker refuses, and what a dispatcher does not believe ---------------------------
+
+
+def _succeeds(out: Path, reply_to: str, **changes) -> dict:
+    """A valid execute message for tests.pipelines.Succeeds writing into ``out``."""
+    from tests.pipelines import Succeeds
+
+    task = Succeeds(out=str(out))
+    msg = m.TaskMessage(task_id=task.task_id, module=task.task_module, family=task.task_family,
+                        params=task.to_str_params(), attempt=1, run_id="hostile", reply_to=reply_to)  # fmt: skip
+    return {**msg.to_dict(), **changes}
+
+
+def test_a_worker_refuses_what_our_dispatcher_never_sends_and_does_not_requeue_it(pool, app, replies, tmp_path):
+    name, read_one = replies
+    tag = uuid.uuid4().hex[:8]
+    outs = {kind: tmp_path / kind for kind in ("compressed", "oversized", "linked", "link", "group", "builtin")}
+    # Given execute messages for real tasks, each in a form luigi-celery never sends:
+    # compressed (kombu inflates any message, whatever accept_content says), over 1 MiB,
+    # with a callback and an errback, and one republished by Celery's built-in group task
+    send = functools.partial(app.send_task, m.TASK_NAME, queue=pool.queue)
+    send(kwargs={"message": _succeeds(outs["compressed"], name)}, compression="zlib", task_id=f"compressed-{tag}")
+    send(kwargs={"message": _succeeds(outs["oversized"], name, padding="x" * 1_100_000)}, task_id=f"oversized-{tag}")
+    callback = app.signature(m.TASK_NAME, kwargs={"message": _succeeds(outs["link"], name)}, queue=pool.queue)
+    send(kwargs={"message": _succeeds(outs["linked"], name)}, link=callback, link_error=callback,
+         task_id=f"linked-{tag}")  # fmt: skip
+    republished = app.signature(m.TASK_NAME, kwargs={"message": _succeeds(outs["group"], name)}, queue=pool.queue)
+    app.send_task("celery.group", args=[[dict(republished)], f"group-{tag}", None], queue=pool.queue,
+                  task_id=f"group-{tag}")  # fmt: skip
+    app.send_task("celery.chord_unlock", args=[f"chord-{tag}", []], queue=pool.queue, task_id=f"chord-{tag}")
+    # When a last, plain message has been answered
+    send(kwargs={"message": _succeeds(outs["builtin"], name)})
+    assert m.ResultMessage.from_dict(read_one()).status == m.DONE
+    time.sleep(2)  # (another worker may still be refusing one received just before)
+    # Then none of the others ran, nor sent a reply
+    assert [kind for kind, out in outs.items() if out.exists()] == ["builtin"]
+    with pytest.raises(AssertionError, match="no reply"):
+        read_one(timeout=1)
+    # and each was refused once (a requeued one would be refused again and again), the workers up
+    logs = pool.logs()
+    assert records(logs, f"rejected compressed-{tag}") + records(logs, "compressed messages are refused") >= 1
+    assert records(logs, f"rejected oversized-{tag}: a message of ") == 1
+    assert records(logs, f"rejected linked-{tag}: a message with callbacks, errbacks") == 1
+    assert records(logs, "Received unregistered task of type 'celery.group'") >= 1
+    assert records(logs, "Received unregistered task of type 'celery.chord_unlock'") >= 1
+    assert all(w.alive() for w in pool.workers)
+
+
+@pytest.mark.parametrize("broker", [REDIS_URL, RABBITMQ_URL], ids=["redis", "rabbitmq"])
+def test_remote_control_answers_luigi_celery_and_flower_only(fresh_pool, broker):
+    # Given one worker of its own
+    pool = fresh_pool(broker, count=1)
+    app = make_app(Settings(broker_url=broker, queue=pool.queue))
+    # (to it alone: other tests' workers share the broker)
+    to = {"destination": [f"{pool.workers[0].name}@{socket.gethostname()}"]}
+    # When anyone on the broker tells it to grow its pool, change a rate limit, or shut down
+    grow = app.control.broadcast("pool_grow", arguments={"n": 4}, reply=True, timeout=3, **to)
+    app.control.broadcast("rate_limit", arguments={"task_name": m.TASK_NAME, "rate_limit": "1/h"}, **to)
+    app.control.broadcast("shutdown", **to)
+    time.sleep(3)
+    # Then it refused each, and is still up, with its pool as it was
+    assert grow and all("refused" in reply[name]["error"] for reply in grow for name in reply), grow
+    assert pool.workers[0].alive()
+    assert records(pool.logs(), "refused remote-control command") == 3
+    inspect = app.control.inspect(timeout=3, **to)
+    assert [stats["pool"]["max-concurrency"] for stats in (inspect.stats() or {}).values()] == [2]
+    # and what luigi-celery and Flower ask is answered
+    assert app.control.ping(timeout=3, **to)
+    assert [q["name"] for qs in (inspect.active_queues() or {}).values() for q in qs] == [pool.queue]
+    assert inspect.registered() and app.control.broadcast("enable_events", reply=True, timeout=3, **to)
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(tmp_path):
+    # (a supervisor that restarts a worker only when it fails must see it fail)
+    result = run_cli("worker", "--broker", REDIS_URL, "--include", "examples.sales", "-Q", f"lc-{uuid.uuid4().hex[:8]}",
+                     "--pidfile", str(tmp_path / "no" / "such" / "folder" / "worker.pid"), timeout=60)  # fmt: skip
+    assert "Unrecoverable error" in result.stdout
+    assert result.returncode == 1, result.stdout[-2000:]
+    # and a bad Celery option is one line, exit 2
+    bad = run_cli("worker", "--broker", REDIS_URL, "--include", "examples.sales", "--no-such-flag")
+    assert bad.returncode == 2 and bad.stdout.strip() == "luigi-celery worker: error: No such option '--no-such-flag'."

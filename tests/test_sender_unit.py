@@ -156,3 +156,71 @@ def test_the_dispatcher_counts_what_it_sends_and_every_answer(sender: Sender) ->
     refused_family = refused.task.task_family
     assert _metric(sender, "luigi_celery_completed_total", family=refused_family, queue=queue, status="FAILED") == 1
     assert _metric(sender, "luigi_celery_in_flight") == 0
+
+
+def _result(flight: Flight, sender: Sender, **fields: object) -> dict:
+    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+    reply = m.ResultMessage(celery_id=celery_id, task_id=flight.task.task_id, status=m.DONE)
+    return {**reply.to_dict(), **fields}
+
+
+def test_a_reply_counts_only_for_an_attempt_this_run_sent(sender: Sender, caplog) -> None:
+    # Given a task in flight
+    flight = Flight(Unlimited(out="/tmp", n=1))
+    sender.send(flight)
+    sent = sender._in_flight[next(iter(sender._in_flight))].msg
+    # When replies come for its task under ids this run did not send: the id without a
+    # token (as before tokens), the right attempt with a guessed token, another attempt
+    forged = [
+        f"{sent.task_id[:80]}.{m.task_digest(sent.task_id)}.1",
+        m.celery_task_id(sent.task_id, 1, m.new_token()),
+        m.celery_task_id(sent.task_id, 2, sent.token),
+    ]
+    with caplog.at_level("WARNING", logger="luigi_celery"):
+        for celery_id in forged:
+            sender._on_reply(m.ResultMessage(celery_id=celery_id, task_id=sent.task_id, status=m.DONE).to_dict())
+    # Then the task is still in flight, each forged reply said so in one line
+    assert flight.results == [] and sender.in_flight() == 1
+    assert caplog.text.count("an attempt this run did not send") == 3
+    # and the reply to the attempt it sent counts
+    sender._on_reply(_result(flight, sender))
+    assert [r.status for r in flight.results] == [m.DONE]
+
+
+def test_dynamic_dependencies_from_a_module_outside_the_run_fail_the_task(sender: Sender) -> None:
+    # Given tasks of tests.pipelines in flight
+    flight, sibling = Flight(Unlimited(out="/tmp", n=2)), Flight(Unlimited(out="/tmp", n=3))
+    sender.send(flight)
+    sender.send(sibling)
+    # When a reply names dynamic dependencies from modules the run has nothing to do with
+    outside = [["examples.sales", "Report", {"date": "2026-11-01"}], ["json", "X", {}]]
+    sender._on_reply(_result(flight, sender, status=m.PENDING, new_deps=outside))
+    # Then the task fails, naming the modules, with no dependencies for Luigi to import
+    (result,) = flight.results
+    assert result.status == m.FAILED and result.new_deps == []
+    assert "'examples.sales', 'json'" in result.expl
+    # while dynamic dependencies from the run's own module, or a sibling, are Luigi's to load
+    inside = [["tests.pipelines", "Succeeds", {"out": "/tmp"}], ["tests.unit_tasks", "X", {}]]
+    sender._on_reply(_result(sibling, sender, status=m.PENDING, new_deps=inside))
+    assert [(r.status, len(r.new_deps)) for r in sibling.results] == [(m.PENDING, 2)]
+
+
+def test_with_a_secret_tasks_go_out_signed_and_unsigned_replies_are_dropped(caplog) -> None:
+    settings = Settings(broker_url=UNREACHABLE, secret="s3cret")
+    sender = Sender(make_app(settings), settings, limiter=MemoryLimiter())
+    published: list[dict] = []
+    sender.app.send_task = lambda name, **kw: published.append(kw["kwargs"]["message"])  # type: ignore[method-assign]
+    flight = Flight(Unlimited(out="/tmp", n=4))
+    sender.send(flight)
+    # Then the message carries a signature made with the secret
+    (message,) = published
+    m.verify(message, "s3cret")
+    # and a reply to it counts only when signed with the same secret
+    reply = _result(flight, sender)
+    with caplog.at_level("ERROR", logger="luigi_celery"):
+        sender._on_reply(reply)
+        sender._on_reply(m.sign(reply, "another"))
+    assert flight.results == []
+    assert caplog.text.count("dropped an invalid reply") == 2
+    sender._on_reply(m.sign(reply, "s3cret"))
+    assert [r.status for r in flight.results] == [m.DONE]
