@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import pickle
 import socket
 import subprocess
@@ -254,3 +255,83 @@ def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(tmp_path):
     # and a bad Celery option is one line, exit 2
     bad = run_cli("worker", "--broker", REDIS_URL, "--include", "examples.sales", "--no-such-flag")
     assert bad.returncode == 2 and bad.stdout.strip() == "luigi-celery worker: error: No such option '--no-such-flag'."
+
+
+def test_forged_replies_and_provoked_refusals_do_not_end_a_run(pool, app, tmp_path):
+    from tests.pipelines import ManySlow, Slow
+
+    # Given a run of two 4 s tasks, with a coordination store: its run id, and so its reply
+    # queue, is a hash anyone can compute from the pipeline and the queue
+    out, elsewhere = tmp_path / "real", tmp_path / "elsewhere"
+    run = subprocess.Popen(
+        pool.command("--module", "tests.pipelines", "ManySlow", "--count", "2", "--seconds", "4", "--out", str(out)),
+        cwd=ROOT, env=clean_env(LUIGI_CELERY_REDIS_URL=REDIS_URL), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    root = ManySlow(out=str(out), count=2, seconds=4.0)
+    run_id = hashlib.sha1(f"{root.task_id}|{pool.queue}".encode()).hexdigest()[:16]
+    victims = [Slow(out=str(out), n=n, seconds=4.0) for n in range(2)]
+    deadline = time.time() + 60
+    while (out / "events.log").read_text().count("START") < 2 if (out / "events.log").exists() else True:
+        assert time.time() < deadline and run.poll() is None, "the run's tasks did not start"
+        time.sleep(0.1)
+    # When, while they run, someone answers them DONE under the ids a task had before tokens
+    # and under guessed tokens (naming a dynamic dependency from a module the run does not use),
+    # and provokes a worker's refusal with their task ids and the run's reply queue
+    with Connection(pool.broker) as conn:
+        producer = conn.Producer()
+        for victim in victims:
+            for celery_id in (f"{victim.task_id[:80]}.{m.task_digest(victim.task_id)}.1",
+                              m.celery_task_id(victim.task_id, 1, m.new_token())):  # fmt: skip
+                forged = m.ResultMessage(celery_id=celery_id, task_id=victim.task_id, status=m.PENDING,
+                                         new_deps=[("tests.pipelines_other", "Elsewhere", {"out": str(elsewhere)})])
+                producer.publish(forged.to_dict(), routing_key=reply_queue_name(run_id), serializer="json")
+            refused = m.TaskMessage(task_id=victim.task_id, module="tests.pipelines_other", family="Elsewhere",
+                                    params={"out": str(elsewhere)}, attempt=1, run_id=run_id,
+                                    reply_to=reply_queue_name(run_id))  # fmt: skip
+            app.send_task(m.TASK_NAME, kwargs={"message": refused.to_dict()}, queue=pool.queue)
+    output, _ = run.communicate(timeout=120)
+    # Then the run went on as if nothing was said: each task ran once, to its end, and the run succeeded
+    assert run.returncode == 0, output[-3000:]
+    assert sorted(p.name for p in out.glob("Slow_*.txt")) == sorted(f"{v.task_id}.txt" for v in victims)
+    assert (out / "events.log").read_text().count("START") == 2
+    assert not elsewhere.exists()
+    # and it said, once for each, what it dropped
+    assert output.count("an attempt this run did not send") == 6, output[-3000:]
+
+
+def test_with_a_shared_secret_runs_work_and_unsigned_or_missigned_messages_never_run(fresh_pool, tmp_path):
+    secret = f"test-secret-{uuid.uuid4().hex}"
+    pool = fresh_pool(REDIS_URL, count=1, LUIGI_CELERY_SECRET=secret)
+    # Given workers and a dispatcher that share a secret / Then runs work as ever
+    result = pool.run("--module", "tests.pipelines", "Succeeds", "--out", str(tmp_path / "signed"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list((tmp_path / "signed").glob("Succeeds_*.txt"))
+    # When messages come unsigned, or signed with another secret
+    tag, reply_to = uuid.uuid4().hex[:8], reply_queue_name(f"signed-{uuid.uuid4().hex[:8]}")
+    app = make_app(Settings(broker_url=REDIS_URL, queue=pool.queue))
+    with Connection(REDIS_URL) as conn:
+        queue = reply_queue(reply_to)(conn.default_channel)
+        queue.declare()
+        app.send_task(m.TASK_NAME, kwargs={"message": _succeeds(tmp_path / "unsigned", reply_to)}, queue=pool.queue,
+                      task_id=f"unsigned-{tag}")  # fmt: skip
+        other = m.sign(_succeeds(tmp_path / "other", reply_to), "another secret")
+        app.send_task(m.TASK_NAME, kwargs={"message": other}, queue=pool.queue, task_id=f"missigned-{tag}")
+        # and then one signed with the secret
+        app.send_task(m.TASK_NAME, kwargs={"message": m.sign(_succeeds(tmp_path / "good", reply_to), secret)},
+                      queue=pool.queue)  # fmt: skip
+        deadline, reply = time.time() + 30, None
+        while reply is None and time.time() < deadline:
+            reply = queue.get(no_ack=True, accept=["json"])
+            time.sleep(0.05)
+        assert reply is not None, pool.logs()[-3000:]
+        time.sleep(1)
+        others = queue.get(no_ack=True, accept=["json"])
+        queue.delete()
+    # Then only the signed one ran, and its reply is signed with the secret too
+    m.verify(reply.decode(), secret)
+    assert m.ResultMessage.from_dict(reply.decode()).status == m.DONE and others is None
+    assert not (tmp_path / "unsigned").exists() and not (tmp_path / "other").exists()
+    logs = pool.logs()
+    assert records(logs, f"rejected unsigned-{tag}: unsigned message") == 1
+    assert records(logs, f"rejected missigned-{tag}: bad signature") == 1
