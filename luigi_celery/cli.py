@@ -8,6 +8,7 @@ task parameter) and hands everything else to Luigi's own command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
@@ -18,7 +19,9 @@ from typing import Any
 
 from luigi_celery import __version__
 from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.redaction import scrub
 from luigi_celery.settings import (
+    SECRET_SETTINGS,
     Settings,
     load_settings,
     non_negative_number,
@@ -483,6 +486,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _without_secrets(text: str, args: argparse.Namespace) -> str:
+    """``text`` with every password of the configured URLs, and the message secret, scrubbed:
+    the last line of defence for an error message that quotes a library's words."""
+    given: dict[str, list[str | None]] = {name: [getattr(args, name, None)] for name in SECRET_SETTINGS}  # the flags
+    with contextlib.suppress(LuigiCeleryError):  # (an error about the settings themselves: the flags are all)
+        settings = _settings(args)
+        for name in SECRET_SETTINGS:
+            given[name].append(getattr(settings, name))
+    urls = [url for name, values in given.items() if name != "secret" for url in values]
+    return scrub(text, urls=urls, secrets=given["secret"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_argument_parser()
@@ -498,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_flower(args, rest)
         return cmd_check(args)
     except LuigiCeleryError as e:
-        print(f"luigi-celery {args.command}: error: {e}", file=sys.stderr)
+        print(f"luigi-celery {args.command}: error: {_without_secrets(str(e), args)}", file=sys.stderr)
         return EXIT_USAGE if args.command != "check" else EXIT_PROBLEM
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from luigi_celery.errors import ConfigError
+from luigi_celery.redaction import redact
 
 ENV_PREFIX = "LUIGI_CELERY_"
 CONFIG_SECTION = "luigi_celery"
@@ -45,21 +45,7 @@ DEFAULT_METRICS_FINAL_WAIT = 60.0
 DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600.0
 
 
-# user:password@ in a URL; the user part may be empty (redis://:password@host).
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:@/;]*):[^@/;]*@")
 _SECRET_KEYS = ("password", "secret", "token")
-
-
-def redact(url: str | None) -> str:
-    """Return ``url`` with every password hidden, for logs and error messages.
-
-    Works on a ``;``-separated failover list and on URLs kombu's parser
-    rejects (a bad port, a Sentinel list): an error message about a bad URL
-    must never crash, nor show the password.
-    """
-    if not url:
-        return "<none>"
-    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:****@", url)
 
 
 def _redact_options(value: Any) -> Any:
@@ -185,6 +171,9 @@ def queue_name(value: str) -> str:
         raise ValueError(f"must be a name without spaces, got {value!r}")
     return value
 
+
+# The settings that may hold a password: hidden when shown, and readable from a file.
+SECRET_SETTINGS = ("broker_url", "result_backend", "redis_url", "rabbitmq_api_url", "secret")
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "broker_url": str,
