@@ -23,6 +23,7 @@ from luigi_celery.redaction import scrub
 from luigi_celery.settings import (
     SECRET_SETTINGS,
     Settings,
+    listen_address,
     load_settings,
     non_negative_number,
     port_number,
@@ -64,6 +65,7 @@ _positive_float = _flag(positive_number)
 _positive_int = _flag(positive_int)
 _port = _flag(port_number)
 _non_negative_float = _flag(non_negative_number)
+_address = _flag(listen_address)
 
 
 class _CommaSeparated(argparse.Action):
@@ -93,12 +95,19 @@ class _CommaSeparated(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=_port,
         metavar="PORT",
         help="serve Prometheus metrics on this port (env LUIGI_CELERY_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        type=_address,
+        metavar="ADDR",
+        help="serve them on this address (env LUIGI_CELERY_METRICS_ADDRESS; default 127.0.0.1: this machine "
+        "only; 0.0.0.0: every interface, for a Prometheus on another machine)",
     )
 
 
@@ -157,7 +166,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="run up to N complete() checks at once while resolving the DAG, in threads "
         "(default 1: one at a time, as Luigi does; more only if complete() is thread-safe)",
     )
-    _add_metrics_flag(run)
+    _add_metrics_flags(run)
     run.add_argument(
         "--metrics-final-wait",
         type=_non_negative_float,
@@ -181,7 +190,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="modules (or packages) whose tasks this worker may run, comma-separated or one by one "
         "(env LUIGI_CELERY_TASK_MODULES)",
     )
-    _add_metrics_flag(worker)
+    _add_metrics_flags(worker)
 
     flower = commands.add_parser(
         "flower", allow_abbrev=False, add_help=False, help="start Flower (flower options follow)"
@@ -221,6 +230,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "queue_timeout": getattr(args, "queue_timeout", None),
         "complete_checks": getattr(args, "complete_checks", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_address": getattr(args, "metrics_address", None),
         "metrics_final_wait": getattr(args, "metrics_final_wait", None),
     }
     include = getattr(args, "include", None)
@@ -360,7 +370,8 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
 
         consumed = _consumed_queues(celery_argv) or [settings.queue]
         depth = QueueDepthCollector(app, lambda: consumed, settings.rabbitmq_api_url)
-        _serve_or_fail(functools.partial(metrics.serve, port, depth, PoolProcessesCollector()), port)
+        address = settings.metrics_address
+        _serve_or_fail(functools.partial(metrics.serve, port, address, depth, PoolProcessesCollector()), port, address)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
@@ -378,11 +389,11 @@ def _consumed_queues(celery_argv: Sequence[str]) -> list[str]:
     return [q for q in found if q]
 
 
-def _serve_or_fail(serve: Callable[[], None], port: int) -> None:
+def _serve_or_fail(serve: Callable[[], None], port: int, address: str) -> None:
     try:
         serve()
     except OSError as e:
-        raise LuigiCeleryError(f"cannot serve metrics on port {port}: {e}") from e
+        raise LuigiCeleryError(f"cannot serve metrics on port {port} of {address}: {e}") from e
 
 
 def flower_arguments(argv: Sequence[str]) -> list[str]:

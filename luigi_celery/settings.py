@@ -9,6 +9,7 @@ Nothing is read at import time; :func:`load_settings` is called by the CLI
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -39,6 +40,8 @@ DEFAULT_QUEUE_TIMEOUT = 300.0
 DEFAULT_OUTAGE_TOLERANCE = 60.0
 # At the end of a run the dispatcher waits at most this long for Prometheus to scrape its final numbers.
 DEFAULT_METRICS_FINAL_WAIT = 60.0
+# Metrics are served to this machine only unless told otherwise (the container image says 0.0.0.0).
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 # Redis hands an unacknowledged message to another worker after this long; it
 # must exceed the longest task (a dead worker's task is recovered through its
 # run lock well before).
@@ -88,6 +91,8 @@ class Settings:
     rabbitmq_api_url: str | None = None
     # Serve Prometheus metrics on this port (`run`: the dispatcher's; `worker`: the worker's).
     metrics_port: int | None = None
+    # ... on this address: 127.0.0.1 (this machine only), or 0.0.0.0 for every interface.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     # At the end of a run, wait at most this long for one more scrape (0: don't wait).
     metrics_final_wait: float = DEFAULT_METRICS_FINAL_WAIT
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
@@ -165,6 +170,14 @@ def port_number(value: str) -> int:
     return number
 
 
+def listen_address(value: str) -> str:
+    """An IP address to listen on (IPv4 or IPv6), from a flag, an environment variable or the luigi config."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}") from None
+
+
 def queue_name(value: str) -> str:
     """A Celery queue name, from a flag, an environment variable or the luigi config."""
     if not value or any(c.isspace() for c in value):
@@ -188,6 +201,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outage_tolerance": positive_number,
     "complete_checks": positive_int,
     "metrics_port": port_number,
+    "metrics_address": listen_address,
     "metrics_final_wait": non_negative_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,

@@ -82,6 +82,7 @@ def test_the_luigi_config_section_sets_every_setting(
     luigi_config.set(CONFIG_SECTION, "queue", "from-config")
     luigi_config.set(CONFIG_SECTION, "connect_timeout", "2.5")
     luigi_config.set(CONFIG_SECTION, "embedded_dir", "/var/lib/from-config")
+    luigi_config.set(CONFIG_SECTION, "metrics_address", "0.0.0.0")
 
     # When the settings are loaded without env or flags
     settings = load_settings(env=NO_ENV)
@@ -94,6 +95,7 @@ def test_the_luigi_config_section_sets_every_setting(
         queue="from-config",
         connect_timeout=2.5,
         embedded_dir="/var/lib/from-config",
+        metrics_address="0.0.0.0",
     )
     assert settings.embedded is False
 
@@ -131,6 +133,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         "LUIGI_CELERY_CONNECT_TIMEOUT": "3",
         "LUIGI_CELERY_COMPLETE_CHECKS": "8",
         "LUIGI_CELERY_EMBEDDED_DIR": "/tmp/from-env",
+        "LUIGI_CELERY_METRICS_ADDRESS": " ::1 ",
     }
 
     # When the settings are loaded
@@ -145,6 +148,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         connect_timeout=3.0,
         complete_checks=8,
         embedded_dir="/tmp/from-env",
+        metrics_address="::1",
     )
 
 
@@ -233,6 +237,8 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("queue", "tab\there"),
         ("metrics_port", "70000"),
         ("metrics_port", "http"),
+        ("metrics_address", "localhost"),
+        ("metrics_address", "10.0.0.0/8"),
         ("outage_tolerance", "0"),
         ("complete_checks", "0"),
         ("complete_checks", "2.5"),
