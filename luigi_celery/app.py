@@ -78,7 +78,7 @@ class _AMQP(AMQP):
         return message
 
 
-def _check_transport(url: str) -> None:
+def check_broker_url(url: str) -> None:
     """A broker URL kombu cannot use is one clear error (with no password in it), not a
     KeyError or a TypeError later."""
     for part in url.split(";"):
@@ -105,7 +105,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
     """
     broker_url, transport, transport_options = settings.broker_url, None, {}
     if broker_url:
-        _check_transport(broker_url)
+        check_broker_url(broker_url)
     redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
     if redis_broker:
         transport_options["visibility_timeout"] = settings.visibility_timeout

@@ -19,8 +19,9 @@ from typing import Any
 
 from luigi_celery import __version__
 from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.redaction import scrub
+from luigi_celery.redaction import passwords_in, scrub
 from luigi_celery.settings import (
+    ENV_PREFIX,
     SECRET_SETTINGS,
     Settings,
     listen_address,
@@ -113,12 +114,16 @@ def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -> None:
     parser.add_argument(
-        "--broker", dest="broker_url", metavar="URL", help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL)"
+        "--broker",
+        dest="broker_url",
+        metavar="URL",
+        help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL, or LUIGI_CELERY_BROKER_URL_FILE naming a file "
+        "that holds it: a password in a flag is visible to other users in ps)",
     )
     parser.add_argument(
         "--result-backend",
         metavar="URL",
-        help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND)",
+        help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND or ..._FILE)",
     )
     if queue:
         parser.add_argument(
@@ -130,7 +135,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -
     parser.add_argument(
         "--redis-url",
         metavar="URL",
-        help="coordination store for run locks (env LUIGI_CELERY_REDIS_URL; default: the broker when it is Redis)",
+        help="coordination store for run locks (env LUIGI_CELERY_REDIS_URL or ..._FILE; default: the broker when "
+        "it is Redis)",
     )
 
 
@@ -239,6 +245,27 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(overrides)
 
 
+# The flags that may carry a password, by setting.
+_SECRET_FLAGS = {"broker_url": "--broker", "result_backend": "--result-backend", "redis_url": "--redis-url"}
+
+
+def _warn_of_passwords_in_flags(args: argparse.Namespace) -> None:
+    """One line when a flag carries a password: every user of the machine sees a command line
+    (``ps``), not a process's environment nor a file of its own. Said once the settings are
+    known to be good, so a mistake is still one line; ``check`` (a probe) says nothing."""
+    names = [name for name in _SECRET_FLAGS if passwords_in(getattr(args, name, None))]
+    if not names:
+        return
+    flags = ", ".join(_SECRET_FLAGS[name] for name in names)
+    instead = ", ".join(f"{ENV_PREFIX}{name.upper()} or {ENV_PREFIX}{name.upper()}_FILE" for name in names)
+    what = "the password in" if len(names) == 1 else "the passwords in"
+    print(
+        f"luigi-celery {args.command}: warning: {what} {flags} {'is' if len(names) == 1 else 'are'} visible to "
+        f"other users in ps; set {instead} instead",
+        file=sys.stderr,
+    )
+
+
 def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
@@ -319,6 +346,11 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
         print(luigi_help(luigi_argv, _options_help("run")), end="")
         return EXIT_OK
     check_command_line(luigi_argv, own_flags=_own_flags("run"))
+    if settings.broker_url:
+        from luigi_celery.app import check_broker_url
+
+        check_broker_url(settings.broker_url)  # (a bad one is one line, without the warning below)
+    _warn_of_passwords_in_flags(args)
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     install_signal_handlers()
@@ -372,6 +404,7 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
         depth = QueueDepthCollector(app, lambda: consumed, settings.rabbitmq_api_url)
         address = settings.metrics_address
         _serve_or_fail(functools.partial(metrics.serve, port, address, depth, PoolProcessesCollector()), port, address)
+    _warn_of_passwords_in_flags(args)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     app.start([*hoisted, "worker", *(a for a in celery_argv if a not in _CELERY_GLOBAL_FLAGS)])
@@ -439,6 +472,7 @@ def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
         raise LuigiCeleryError("Flower needs a broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
     flower_argv = flower_arguments(flower_argv)
     app = make_app(settings)
+    _warn_of_passwords_in_flags(args)
     with app.connection_for_read() as conn:
         rabbitmq = conn.transport.driver_type == "amqp"
     if rabbitmq and not any(_has_flag(flower_argv, f) for f in ("--broker_api", "--broker-api")):

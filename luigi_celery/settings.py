@@ -2,6 +2,13 @@
 
 Precedence, highest first: command-line flags, environment variables
 ``LUIGI_CELERY_*``, the luigi config section ``[luigi_celery]``, defaults.
+
+A setting that may hold a password (:data:`SECRET_SETTINGS`) can also come from
+a file named by ``LUIGI_CELERY_<NAME>_FILE``, as Docker and Kubernetes mount
+secrets: a command line is visible to every user of the machine (``ps``), a
+process's environment and a file of mode 0600 are not.  Setting both the
+variable and its ``_FILE`` is an error, rather than a silent choice between two
+passwords.
 Nothing is read at import time; :func:`load_settings` is called by the CLI
 (or by ``luigi_celery.app`` when Celery asks for its module-level app).
 """
@@ -185,7 +192,7 @@ def queue_name(value: str) -> str:
     return value
 
 
-# The settings that may hold a password: hidden when shown, and readable from a file.
+# The settings that may hold a password: hidden when shown, and readable from a file (LUIGI_CELERY_<NAME>_FILE).
 SECRET_SETTINGS = ("broker_url", "result_backend", "redis_url", "rabbitmq_api_url", "secret")
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -218,11 +225,31 @@ def _from_luigi_config() -> dict[str, str]:
     return {name: config.get(CONFIG_SECTION, name) for name in _PARSERS if config.has_option(CONFIG_SECTION, name)}
 
 
+def _read_secret_file(variable: str, path: str) -> str:
+    """The content of the file ``variable`` names, without its trailing newline; an error
+    names the variable and the path, never the content."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.read().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"cannot read {variable} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {variable} {path}: not UTF-8 text") from e
+    if not value:
+        raise ConfigError(f"{variable} names an empty file: {path}")
+    return value
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     values = {}
     for name in _PARSERS:
         key = ENV_PREFIX + name.upper()
-        if env.get(key):
+        file_key = key + "_FILE"
+        if name in SECRET_SETTINGS and env.get(file_key):
+            if env.get(key):
+                raise ConfigError(f"both {key} and {file_key} are set: set one of them")
+            values[name] = _read_secret_file(file_key, env[file_key])
+        elif env.get(key):
             values[name] = env[key]
     return values
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from luigi_celery.app import _check_transport
+from luigi_celery.app import check_broker_url
 from luigi_celery.errors import BrokerUnavailable, ConfigError
 from luigi_celery.redaction import needs_encoding, passwords_in, redact, scrub
 from luigi_celery.sender import check_broker
@@ -123,7 +123,7 @@ def test_a_password_in_the_query_of_the_broker_url_is_one_clear_error() -> None:
     # Given a broker URL with ?password= (which kombu's parser fails on with a TypeError)
     # When luigi-celery checks it
     with pytest.raises(ConfigError) as raised:
-        _check_transport("redis://127.0.0.1:6379/0?password=hunter22")
+        check_broker_url("redis://127.0.0.1:6379/0?password=hunter22")
 
     # Then the error says where the password goes, and does not show it
     assert "kombu takes no password from the query" in str(raised.value)
@@ -132,7 +132,7 @@ def test_a_password_in_the_query_of_the_broker_url_is_one_clear_error() -> None:
 
 def test_a_broker_url_kombu_cannot_split_says_to_percent_encode_without_a_piece_of_the_password() -> None:
     with pytest.raises(ConfigError) as raised:
-        _check_transport("redis://:Zq9k/Xv7w@127.0.0.1:6379/0")
+        check_broker_url("redis://:Zq9k/Xv7w@127.0.0.1:6379/0")
     assert "Zq9" not in str(raised.value) and "Xv7" not in str(raised.value)
     assert "must be percent-encoded" in str(raised.value)
 
