@@ -9,6 +9,7 @@ someone asks for it, never at import.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import Any
 
 import kombu
@@ -21,6 +22,7 @@ from luigi_celery.execute import register_execute
 from luigi_celery.guard import OnlyExecute, RestrictControl, refuse_compressed_messages
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
+from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from luigi_celery.results import ReplyQueueCheck
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings, redact
@@ -77,12 +79,23 @@ class _AMQP(AMQP):
         return message
 
 
-def _check_transport(url: str) -> None:
-    """A broker URL whose scheme names no kombu transport is one clear error, not a KeyError later."""
+def check_broker_url(url: str) -> None:
+    """A broker URL kombu cannot use is one clear error (with no password in it), not a
+    KeyError or a TypeError later."""
+    for part in url.split(";"):
+        query = urllib.parse.parse_qs(part.partition("?")[2].partition("#")[0])
+        if "password" in query:
+            # (kombu's parser fails on it with a TypeError: it passes the URL's own password too)
+            where = "write it before the host, as user:password@host"
+            raise ConfigError(f"unsupported broker URL {redact(url)}: kombu takes no password from the query; {where}")
     try:
         kombu.Connection(url)  # resolves the transport; connects nothing
-    except (KeyError, ValueError, ImportError) as e:
-        raise ConfigError(f"unsupported broker URL {redact(url)}: {e}") from e
+    except (KeyError, ValueError, ImportError, TypeError) as e:
+        reason = scrub(str(e), urls=[url])
+        if needs_encoding(url):
+            # A piece of the password was read as the port; kombu's words may quote it ("... as 'pa'").
+            reason = ENCODING_HINT if isinstance(e, ValueError) else f"{reason} ({ENCODING_HINT})"
+        raise ConfigError(f"unsupported broker URL {redact(url)}: {reason}") from e
 
 
 def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) -> Celery:
@@ -93,7 +106,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
     """
     broker_url, transport, transport_options = settings.broker_url, None, {}
     if broker_url:
-        _check_transport(broker_url)
+        check_broker_url(broker_url)
     redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
     if redis_broker:
         transport_options["visibility_timeout"] = settings.visibility_timeout

@@ -8,6 +8,7 @@ task parameter) and hands everything else to Luigi's own command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
@@ -18,8 +19,12 @@ from typing import Any
 
 from luigi_celery import __version__
 from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.redaction import passwords_in, scrub
 from luigi_celery.settings import (
+    ENV_PREFIX,
+    SECRET_SETTINGS,
     Settings,
+    listen_address,
     load_settings,
     non_negative_number,
     port_number,
@@ -61,6 +66,7 @@ _positive_float = _flag(positive_number)
 _positive_int = _flag(positive_int)
 _port = _flag(port_number)
 _non_negative_float = _flag(non_negative_number)
+_address = _flag(listen_address)
 
 
 class _CommaSeparated(argparse.Action):
@@ -90,23 +96,34 @@ class _CommaSeparated(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def _add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=_port,
         metavar="PORT",
         help="serve Prometheus metrics on this port (env LUIGI_CELERY_METRICS_PORT)",
     )
+    parser.add_argument(
+        "--metrics-address",
+        type=_address,
+        metavar="ADDR",
+        help="serve them on this address (env LUIGI_CELERY_METRICS_ADDRESS; default 127.0.0.1: this machine "
+        "only; 0.0.0.0: every interface, for a Prometheus on another machine)",
+    )
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -> None:
     parser.add_argument(
-        "--broker", dest="broker_url", metavar="URL", help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL)"
+        "--broker",
+        dest="broker_url",
+        metavar="URL",
+        help="redis://... or amqp://... (env LUIGI_CELERY_BROKER_URL, or LUIGI_CELERY_BROKER_URL_FILE naming a file "
+        "that holds it: a password in a flag is visible to other users in ps)",
     )
     parser.add_argument(
         "--result-backend",
         metavar="URL",
-        help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND)",
+        help="optional Celery result backend, for other tools (env LUIGI_CELERY_RESULT_BACKEND or ..._FILE)",
     )
     if queue:
         parser.add_argument(
@@ -118,7 +135,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -
     parser.add_argument(
         "--redis-url",
         metavar="URL",
-        help="coordination store for run locks (env LUIGI_CELERY_REDIS_URL; default: the broker when it is Redis)",
+        help="coordination store for run locks (env LUIGI_CELERY_REDIS_URL or ..._FILE; default: the broker when "
+        "it is Redis)",
     )
 
 
@@ -154,7 +172,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="run up to N complete() checks at once while resolving the DAG, in threads "
         "(default 1: one at a time, as Luigi does; more only if complete() is thread-safe)",
     )
-    _add_metrics_flag(run)
+    _add_metrics_flags(run)
     run.add_argument(
         "--metrics-final-wait",
         type=_non_negative_float,
@@ -178,7 +196,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         help="modules (or packages) whose tasks this worker may run, comma-separated or one by one "
         "(env LUIGI_CELERY_TASK_MODULES)",
     )
-    _add_metrics_flag(worker)
+    _add_metrics_flags(worker)
 
     flower = commands.add_parser(
         "flower", allow_abbrev=False, add_help=False, help="start Flower (flower options follow)"
@@ -218,12 +236,34 @@ def _settings(args: argparse.Namespace) -> Settings:
         "queue_timeout": getattr(args, "queue_timeout", None),
         "complete_checks": getattr(args, "complete_checks", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_address": getattr(args, "metrics_address", None),
         "metrics_final_wait": getattr(args, "metrics_final_wait", None),
     }
     include = getattr(args, "include", None)
     if include:
         overrides["task_modules"] = tuple(include)
     return load_settings(overrides)
+
+
+# The flags that may carry a password, by setting.
+_SECRET_FLAGS = {"broker_url": "--broker", "result_backend": "--result-backend", "redis_url": "--redis-url"}
+
+
+def _warn_of_passwords_in_flags(args: argparse.Namespace) -> None:
+    """One line when a flag carries a password: every user of the machine sees a command line
+    (``ps``), not a process's environment nor a file of its own. Said once the settings are
+    known to be good, so a mistake is still one line; ``check`` (a probe) says nothing."""
+    names = [name for name in _SECRET_FLAGS if passwords_in(getattr(args, name, None))]
+    if not names:
+        return
+    flags = ", ".join(_SECRET_FLAGS[name] for name in names)
+    instead = ", ".join(f"{ENV_PREFIX}{name.upper()} or {ENV_PREFIX}{name.upper()}_FILE" for name in names)
+    what = "the password in" if len(names) == 1 else "the passwords in"
+    print(
+        f"luigi-celery {args.command}: warning: {what} {flags} {'is' if len(names) == 1 else 'are'} visible to "
+        f"other users in ps; set {instead} instead",
+        file=sys.stderr,
+    )
 
 
 def _has_flag(argv: Sequence[str], flag: str) -> bool:
@@ -306,6 +346,11 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
         print(luigi_help(luigi_argv, _options_help("run")), end="")
         return EXIT_OK
     check_command_line(luigi_argv, own_flags=_own_flags("run"))
+    if settings.broker_url:
+        from luigi_celery.app import check_broker_url
+
+        check_broker_url(settings.broker_url)  # (a bad one is one line, without the warning below)
+    _warn_of_passwords_in_flags(args)
     if not _wants_central_scheduler(luigi_argv):
         luigi_argv = [*luigi_argv, "--local-scheduler"]
     install_signal_handlers()
@@ -357,7 +402,9 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
 
         consumed = _consumed_queues(celery_argv) or [settings.queue]
         depth = QueueDepthCollector(app, lambda: consumed, settings.rabbitmq_api_url)
-        _serve_or_fail(functools.partial(metrics.serve, port, depth, PoolProcessesCollector()), port)
+        address = settings.metrics_address
+        _serve_or_fail(functools.partial(metrics.serve, port, address, depth, PoolProcessesCollector()), port, address)
+    _warn_of_passwords_in_flags(args)
     # Celery's global options go before the sub-command.
     hoisted = [a for a in celery_argv if a in _CELERY_GLOBAL_FLAGS]
     # Celery's exit code: non-zero after an unrecoverable error, so a supervisor restarts the worker.
@@ -393,11 +440,11 @@ def _consumed_queues(celery_argv: Sequence[str]) -> list[str]:
     return [q for q in found if q]
 
 
-def _serve_or_fail(serve: Callable[[], None], port: int) -> None:
+def _serve_or_fail(serve: Callable[[], None], port: int, address: str) -> None:
     try:
         serve()
     except OSError as e:
-        raise LuigiCeleryError(f"cannot serve metrics on port {port}: {e}") from e
+        raise LuigiCeleryError(f"cannot serve metrics on port {port} of {address}: {e}") from e
 
 
 def flower_arguments(argv: Sequence[str]) -> list[str]:
@@ -443,6 +490,7 @@ def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
         raise LuigiCeleryError("Flower needs a broker: pass --broker URL or set LUIGI_CELERY_BROKER_URL")
     flower_argv = flower_arguments(flower_argv)
     app = make_app(settings)
+    _warn_of_passwords_in_flags(args)
     with app.connection_for_read() as conn:
         rabbitmq = conn.transport.driver_type == "amqp"
     if rabbitmq and not any(_has_flag(flower_argv, f) for f in ("--broker_api", "--broker-api")):
@@ -500,6 +548,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _without_secrets(text: str, args: argparse.Namespace) -> str:
+    """``text`` with every password of the configured URLs, and the message secret, scrubbed:
+    the last line of defence for an error message that quotes a library's words."""
+    given: dict[str, list[str | None]] = {name: [getattr(args, name, None)] for name in SECRET_SETTINGS}  # the flags
+    with contextlib.suppress(LuigiCeleryError):  # (an error about the settings themselves: the flags are all)
+        settings = _settings(args)
+        for name in SECRET_SETTINGS:
+            given[name].append(getattr(settings, name))
+    urls = [url for name, values in given.items() if name != "secret" for url in values]
+    return scrub(text, urls=urls, secrets=given["secret"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_argument_parser()
@@ -515,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_flower(args, rest)
         return cmd_check(args)
     except LuigiCeleryError as e:
-        print(f"luigi-celery {args.command}: error: {e}", file=sys.stderr)
+        print(f"luigi-celery {args.command}: error: {_without_secrets(str(e), args)}", file=sys.stderr)
         return EXIT_USAGE if args.command != "check" else EXIT_PROBLEM
 
 

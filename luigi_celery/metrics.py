@@ -108,10 +108,11 @@ class DispatcherMetrics:
         """Add ``luigi_celery_queue_depth`` (a :class:`luigi_celery.queues.QueueDepthCollector`)."""
         self.registry.register(collector)
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, address: str) -> None:
+        """Serve ``/metrics`` on ``address``:``port`` (127.0.0.1: to this machine only), from a thread."""
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        start_http_server(port, addr=address, registry=self.registry)
 
     def final_scrape(self, limit: float) -> bool:
         """Wait for one more scrape, so the run's final numbers reach Prometheus; True if it came.
@@ -167,9 +168,9 @@ class WorkerMetrics:
         )  # fmt: skip
 
     @staticmethod
-    def serve(port: int, *collectors: Any) -> None:
-        """Serve the sum over every process of this worker, and ``collectors`` read in the
-        main process at each scrape (the queue depth, the pool size); call in the main process."""
+    def serve(port: int, address: str, *collectors: Any) -> None:
+        """Serve, on ``address``:``port``, the sum over every process of this worker, and ``collectors``
+        read in the main process at each scrape (the queue depth, the pool size); call in the main process."""
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -177,7 +178,7 @@ class WorkerMetrics:
         MultiProcessCollector(registry)
         for collector in collectors:
             registry.register(collector)
-        start_http_server(port, addr="0.0.0.0", registry=registry)
+        start_http_server(port, addr=address, registry=registry)
 
 
 class PoolProcessesCollector:

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Celery
 
 from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.redaction import scrub
 from luigi_celery.settings import redact
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def queue_depths(app: Celery, queues: Iterable[str], rabbitmq_api_url: str | Non
             for queue in queues:
                 depths[queue] = _waiting(conn, queue) + reserved.get(queue, 0)
     except Exception as e:
-        raise BrokerUnavailable(f"cannot read queue depths from {redact(app.conf.broker_url)}: {e}") from e
+        url = app.conf.broker_url
+        raise BrokerUnavailable(f"cannot read queue depths from {redact(url)}: {scrub(str(e), urls=[url])}") from e
     return depths
 
 

@@ -41,6 +41,7 @@ from typing import Protocol
 import redis
 
 from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.redaction import scrub
 from luigi_celery.settings import redact
 from luigi_celery.store import KEY_PREFIX, ride_out_outages
 
@@ -214,7 +215,8 @@ class RedisLimiter(_Limiter):
         try:
             yield
         except redis.RedisError as e:
-            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
+            reason = scrub(str(e), urls=[self.url])
+            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {reason}") from e
 
     def _decide(self, key: str, rate: Rate, reserve: bool) -> tuple[float, float]:
         with self._reachable():

@@ -26,6 +26,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from luigi_celery.message import MAX_MESSAGE_BYTES
+from luigi_celery.redaction import scrub
 from luigi_celery.settings import DEFAULT_OUTAGE_TOLERANCE, redact
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,9 @@ class ResultWatcher(threading.Thread):
                     self._down_since = now
                 elif now - self._down_since >= self._tolerance:
                     self._down_since = float("inf")  # said once per outage
-                    url = redact(self._app.conf.broker_url)
-                    self._on_lost(f"lost the broker at {url} for more than {self._tolerance:g} s: {e}")
+                    url = self._app.conf.broker_url
+                    reason = scrub(str(e), urls=[url])
+                    self._on_lost(f"lost the broker at {redact(url)} for more than {self._tolerance:g} s: {reason}")
                 logger.warning("result watcher lost the broker (%s); reconnecting in %.1f s", e, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)

@@ -87,9 +87,10 @@ def _run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressV
     if settings.metrics_port:
         metrics = DispatcherMetrics()
         try:
-            metrics.serve(settings.metrics_port)
+            metrics.serve(settings.metrics_port, settings.metrics_address)
         except OSError as e:
-            raise LuigiCeleryError(f"cannot serve metrics on port {settings.metrics_port}: {e}") from e
+            where = f"port {settings.metrics_port} of {settings.metrics_address}"
+            raise LuigiCeleryError(f"cannot serve metrics on {where}: {e}") from e
     sender = Sender(
         app,
         settings,

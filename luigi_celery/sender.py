@@ -36,6 +36,7 @@ from luigi_celery.options import task_options
 from luigi_celery.pacing import Pacer, Waits
 from luigi_celery.queues import QueueDepthCollector
 from luigi_celery.ratelimit import Limiter, MemoryLimiter
+from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
 from luigi_celery.results import ResultWatcher, publish_retry_policy, reply_queue, reply_queue_name
 from luigi_celery.sent_events import SentEvents
 from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
@@ -73,7 +74,9 @@ def check_broker(app: Celery, timeout: float) -> None:
         conn.ensure_connection(max_retries=1, timeout=timeout)
         conn.default_channel  # noqa: B018  (opening a channel proves the login works)
     except Exception as e:
-        raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {e}") from e
+        # (a password that should have been percent-encoded sends kombu to a host made of a piece of it)
+        hint = f" ({ENCODING_HINT})" if needs_encoding(url) else ""
+        raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {scrub(str(e), urls=[url])}{hint}") from e
     finally:
         conn.release()
 
@@ -170,7 +173,8 @@ class Sender:
                 conn.ensure_connection(max_retries=1, timeout=self.settings.connect_timeout)
                 reply_queue(self.reply_to)(conn.default_channel).declare()
         except Exception as e:
-            raise BrokerUnavailable(f"cannot reach the broker at {redact(self.app.conf.broker_url)}: {e}") from e
+            url = self.app.conf.broker_url
+            raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {scrub(str(e), urls=[url])}") from e
         if self.store is not None:
             self._claim_run()
         self._pacer.start()
@@ -394,7 +398,8 @@ class Sender:
                 self._resend(self._drop_batch(), e)
                 self._send(tracked, celery_id)
                 return
-            self._fail_tracked(tracked, f"could not publish {task_id} to {redact(self.app.conf.broker_url)}: {e}")
+            url = self.app.conf.broker_url
+            self._fail_tracked(tracked, f"could not publish {task_id} to {redact(url)}: {scrub(str(e), urls=[url])}")
             return
         logger.debug("sent %s as %s", task_id, celery_id)
         if self._metrics is not None:

@@ -2,6 +2,13 @@
 
 Precedence, highest first: command-line flags, environment variables
 ``LUIGI_CELERY_*``, the luigi config section ``[luigi_celery]``, defaults.
+
+A setting that may hold a password (:data:`SECRET_SETTINGS`) can also come from
+a file named by ``LUIGI_CELERY_<NAME>_FILE``, as Docker and Kubernetes mount
+secrets: a command line is visible to every user of the machine (``ps``), a
+process's environment and a file of mode 0600 are not.  Setting both the
+variable and its ``_FILE`` is an error, rather than a silent choice between two
+passwords.
 Nothing is read at import time; :func:`load_settings` is called by the CLI
 (or by ``luigi_celery.app`` when Celery asks for its module-level app).
 """
@@ -9,14 +16,15 @@ Nothing is read at import time; :func:`load_settings` is called by the CLI
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from luigi_celery.errors import ConfigError
+from luigi_celery.redaction import redact
 
 ENV_PREFIX = "LUIGI_CELERY_"
 CONFIG_SECTION = "luigi_celery"
@@ -39,27 +47,15 @@ DEFAULT_QUEUE_TIMEOUT = 300.0
 DEFAULT_OUTAGE_TOLERANCE = 60.0
 # At the end of a run the dispatcher waits at most this long for Prometheus to scrape its final numbers.
 DEFAULT_METRICS_FINAL_WAIT = 60.0
+# Metrics are served to this machine only unless told otherwise (the container image says 0.0.0.0).
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 # Redis hands an unacknowledged message to another worker after this long; it
 # must exceed the longest task (a dead worker's task is recovered through its
 # run lock well before).
 DEFAULT_VISIBILITY_TIMEOUT = 12 * 3600.0
 
 
-# user:password@ in a URL; the user part may be empty (redis://:password@host).
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:@/;]*):[^@/;]*@")
 _SECRET_KEYS = ("password", "secret", "token")
-
-
-def redact(url: str | None) -> str:
-    """Return ``url`` with every password hidden, for logs and error messages.
-
-    Works on a ``;``-separated failover list and on URLs kombu's parser
-    rejects (a bad port, a Sentinel list): an error message about a bad URL
-    must never crash, nor show the password.
-    """
-    if not url:
-        return "<none>"
-    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:****@", url)
 
 
 def _redact_options(value: Any) -> Any:
@@ -102,6 +98,8 @@ class Settings:
     rabbitmq_api_url: str | None = None
     # Serve Prometheus metrics on this port (`run`: the dispatcher's; `worker`: the worker's).
     metrics_port: int | None = None
+    # ... on this address: 127.0.0.1 (this machine only), or 0.0.0.0 for every interface.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     # At the end of a run, wait at most this long for one more scrape (0: don't wait).
     metrics_final_wait: float = DEFAULT_METRICS_FINAL_WAIT
     # Where the embedded broker keeps its messages (a fresh temporary folder when None).
@@ -179,12 +177,23 @@ def port_number(value: str) -> int:
     return number
 
 
+def listen_address(value: str) -> str:
+    """An IP address to listen on (IPv4 or IPv6), from a flag, an environment variable or the luigi config."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}") from None
+
+
 def queue_name(value: str) -> str:
     """A Celery queue name, from a flag, an environment variable or the luigi config."""
     if not value or any(c.isspace() for c in value):
         raise ValueError(f"must be a name without spaces, got {value!r}")
     return value
 
+
+# The settings that may hold a password: hidden when shown, and readable from a file (LUIGI_CELERY_<NAME>_FILE).
+SECRET_SETTINGS = ("broker_url", "result_backend", "redis_url", "rabbitmq_api_url", "secret")
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "broker_url": str,
@@ -199,6 +208,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "outage_tolerance": positive_number,
     "complete_checks": positive_int,
     "metrics_port": port_number,
+    "metrics_address": listen_address,
     "metrics_final_wait": non_negative_number,
     "rabbitmq_api_url": str,
     "embedded_dir": str,
@@ -215,11 +225,31 @@ def _from_luigi_config() -> dict[str, str]:
     return {name: config.get(CONFIG_SECTION, name) for name in _PARSERS if config.has_option(CONFIG_SECTION, name)}
 
 
+def _read_secret_file(variable: str, path: str) -> str:
+    """The content of the file ``variable`` names, without its trailing newline; an error
+    names the variable and the path, never the content."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = file.read().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"cannot read {variable} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {variable} {path}: not UTF-8 text") from e
+    if not value:
+        raise ConfigError(f"{variable} names an empty file: {path}")
+    return value
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     values = {}
     for name in _PARSERS:
         key = ENV_PREFIX + name.upper()
-        if env.get(key):
+        file_key = key + "_FILE"
+        if name in SECRET_SETTINGS and env.get(file_key):
+            if env.get(key):
+                raise ConfigError(f"both {key} and {file_key} are set: set one of them")
+            values[name] = _read_secret_file(file_key, env[file_key])
+        elif env.get(key):
             values[name] = env[key]
     return values
 

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import redis
 import tenacity
 
-from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.errors import BrokerUnavailable, ConfigError
+from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
 from luigi_celery.settings import redact
 
 KEY_PREFIX = "luigi-celery:"
@@ -229,7 +230,11 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, decode_responses=True)
+        try:
+            self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10, decode_responses=True)
+        except ValueError as e:  # a bad scheme or port; its words may quote a piece of the password
+            reason = ENCODING_HINT if needs_encoding(url) else scrub(str(e), urls=[url])
+            raise ConfigError(f"invalid coordination store URL {redact(url)}: {reason}") from e
         self._acquire = self._client.register_script(_ACQUIRE)
         self._refresh = self._client.register_script(_REFRESH)
         self._release = self._client.register_script(_RELEASE)
@@ -238,7 +243,8 @@ class RedisStore:
         try:
             self._client.ping()
         except redis.RedisError as e:
-            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {e}") from e
+            reason = scrub(str(e), urls=[self.url])
+            raise BrokerUnavailable(f"cannot reach the coordination store at {redact(self.url)}: {reason}") from e
 
     @ride_out_outages
     def acquire(

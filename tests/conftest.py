@@ -128,7 +128,7 @@ class WorkerProcess:
 
 
 def start_worker(
-    broker: str,
+    broker: str | None,
     queue: str,
     log_dir: Path,
     concurrency: int = 2,
@@ -141,8 +141,7 @@ def start_worker(
         [
             str(BIN / "luigi-celery"),
             "worker",
-            "--broker",
-            broker,
+            *(("--broker", broker) if broker else ()),  # (None: the environment names it)
             "--queue",
             queue,
             "--include",

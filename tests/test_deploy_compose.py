@@ -112,6 +112,10 @@ def test_the_image_runs_the_worker_as_a_user_stops_it_warmly_and_checks_its_heal
     assert [json.loads(cmd) for cmd in instruction("CMD")] == [["luigi-celery", "worker", "--loglevel", "INFO"]]
     assert [json.loads(e) for e in instruction("ENTRYPOINT")] == [["luigi-celery-entrypoint"]]
     assert instruction("STOPSIGNAL") == ["SIGTERM"]  # Celery's warm shutdown
+    # metrics on every interface: a container's 127.0.0.1 is its own, and Prometheus scrapes from elsewhere
+    image_env = dict(arg.split("=", 1) for env in instruction("ENV") for arg in shlex.split(env))
+    assert image_env["LUIGI_CELERY_METRICS_ADDRESS"] == "0.0.0.0"
+    assert compose()["x-luigi-celery"]["environment"]["LUIGI_CELERY_METRICS_ADDRESS"] == "0.0.0.0"
     (health,) = instruction("HEALTHCHECK")
     assert 'CMD ["sh", "-c", "luigi-celery check --worker \\"celery@$(hostname)\\"' in health
 

@@ -563,15 +563,23 @@ def worker_problems(root: Path) -> list[str]:
     )
     if non_root is not True:
         problems.append("runAsNonRoot is not true")
-    problems += metrics_problems(worker, container, WORKER_METRICS_PORT, env_default=True)
+    problems += metrics_problems(docs, worker, container, WORKER_METRICS_PORT, env_default=True)
     return problems
 
 
-def metrics_problems(doc: Doc, container: dict[str, Any], expected: int, env_default: bool = False) -> list[str]:
-    """The metrics port: the flag (or the environment), the container port and the scrape annotations agree."""
+def metrics_problems(
+    docs: list[Doc], doc: Doc, container: dict[str, Any], expected: int, env_default: bool = False
+) -> list[str]:
+    """The metrics port: the flag (or the environment), the container port and the scrape annotations
+    agree; and it is served on every interface (luigi-celery's default, 127.0.0.1, is the pod's alone)."""
     args = argv(container)
     port = flag_value(args, "--metrics-port") or (
         env_value(container, "LUIGI_CELERY_METRICS_PORT") if env_default else None
+    )
+    address = (
+        flag_value(args, "--metrics-address")
+        or env_value(container, "LUIGI_CELERY_METRICS_ADDRESS")
+        or config_value(docs, "LUIGI_CELERY_METRICS_ADDRESS")
     )
     annotations = mapping(mapping(pod_template(doc).get("metadata")).get("annotations"))
     declared = {mapping(p).get("containerPort") for p in items(container.get("ports"))}
@@ -580,6 +588,8 @@ def metrics_problems(doc: Doc, container: dict[str, Any], expected: int, env_def
         problems.append(f"{doc}: metrics port {port!r}, expected {expected}")
     if expected not in declared:
         problems.append(f"{doc}: no containerPort {expected} for the metrics")
+    if address not in ("0.0.0.0", "::"):
+        problems.append(f"{doc}: metrics address {address!r}: Prometheus cannot scrape a pod's 127.0.0.1")
     if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(expected):
         problems.append(f"{doc}: scrape annotations {annotations} do not name port {expected}")
     return problems
@@ -594,7 +604,7 @@ def job_and_flower_problems(root: Path) -> list[str]:
     if len(dispatchers) != 1:
         problems.append(f"{job}: expected one container running `luigi-celery run ...`, found {len(dispatchers)}")
     else:
-        problems += metrics_problems(job, dispatchers[0], DISPATCHER_METRICS_PORT)
+        problems += metrics_problems(docs, job, dispatchers[0], DISPATCHER_METRICS_PORT)
     if pod_spec(job).get("restartPolicy") != "Never":
         problems.append(f"{job}: restartPolicy must be Never (the Job, not the kubelet, starts a dispatcher again)")
     for field in ("backoffLimit", "ttlSecondsAfterFinished"):
@@ -814,6 +824,8 @@ BROKEN_COPIES: list[tuple[str, Check, str, str, str, str]] = [
     ("root allowed", worker_problems, WORKER_FILE, "runAsNonRoot: true", "runAsNonRoot: false", "runAsNonRoot"),
     ("scrape annotation on another port", worker_problems, WORKER_FILE, 'prometheus.io/port: "9541"',
      'prometheus.io/port: "9540"', "scrape annotations"),
+    ("metrics on the pod's loopback", worker_problems, CONFIGMAP_FILE, 'LUIGI_CELERY_METRICS_ADDRESS: "0.0.0.0"',
+     'LUIGI_CELERY_METRICS_ADDRESS: "127.0.0.1"', "metrics address '127.0.0.1'"),
     ("concurrency beside the CPU request", worker_problems, WORKER_FILE, '- --concurrency\n            - "2"',
      '- --concurrency\n            - "8"', "--concurrency 8"),
     ("Job runs no dispatcher", job_and_flower_problems, JOB_FILE, "- luigi-celery\n            - run",

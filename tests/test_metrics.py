@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import subprocess
 import threading
 import time
 import urllib.request
 
+import psutil
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from luigi_celery.metrics import DispatcherMetrics
-from tests.conftest import REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
+from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -100,8 +103,6 @@ def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
 
 
 def test_a_metrics_port_in_use_is_one_clear_line(tmp_path):
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -194,3 +195,73 @@ def test_the_final_wait_is_a_flag_and_a_setting():
 
     assert load_settings(env={"LUIGI_CELERY_METRICS_FINAL_WAIT": "0"}, use_luigi_config=False).metrics_final_wait == 0
     assert load_settings(env={}, use_luigi_config=False).metrics_final_wait == 60
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses something listens on at ``port`` (psutil reads them for any process)."""
+    return {c.laddr.ip for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port}
+
+
+def another_address() -> str | None:
+    """An IPv4 address of this machine that is not a loopback one, if it has one."""
+    found = {a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family == socket.AF_INET}
+    return next((address for address in sorted(found) if not address.startswith("127.")), None)
+
+
+def answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("extra", "bound"), [((), "127.0.0.1"), (("--metrics-address", "0.0.0.0"), "0.0.0.0")], ids=["default", "0.0.0.0"]
+)
+def test_a_workers_metrics_are_served_to_this_machine_only_unless_an_address_is_given(
+    fresh_pool, tmp_path, extra, bound
+):
+    # Given a worker serving metrics, with the default address or --metrics-address 0.0.0.0
+    port = free_port()
+    pool = fresh_pool(REDIS_URL, count=0)
+    pool.workers.append(start_worker(REDIS_URL, pool.queue, tmp_path, extra=("--metrics-port", str(port), *extra)))
+
+    # Then it listens on that address alone, answers on 127.0.0.1, and on the machine's other
+    # address only when told to
+    assert listening_addresses(port) == {bound}
+    assert answers("127.0.0.1", port)
+    other = another_address()
+    if other is not None:
+        assert answers(other, port) is (bound == "0.0.0.0")
+
+
+def test_a_dispatchers_metrics_address_comes_from_the_environment_too(tmp_path):
+    # Given an embedded run serving its metrics, with LUIGI_CELERY_METRICS_ADDRESS and without
+    for env, bound in (({}, "127.0.0.1"), ({"LUIGI_CELERY_METRICS_ADDRESS": "0.0.0.0"}, "0.0.0.0")):
+        port = free_port()
+        run = subprocess.Popen(
+            [str(BIN / "luigi-celery"), "run", "--module", "tests.pipelines", "ManySlow", "--count", "1",
+             "--seconds", "3", "--out", str(tmp_path / bound), "--metrics-port", str(port)],
+            cwd=ROOT, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            # When it runs
+            deadline = time.monotonic() + 30
+            while not listening_addresses(port) and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # Then its metrics port listens on that address
+            assert listening_addresses(port) == {bound}
+        finally:
+            output, _ = run.communicate(timeout=60)
+        assert run.returncode == 0, output[-3000:]
+
+
+def test_the_metrics_address_is_a_flag_and_a_setting_and_must_be_an_ip_address():
+    bad = run_cli("worker", "--metrics-address", "everywhere", "--include", "examples")
+    assert bad.returncode == 2
+    assert "argument --metrics-address: must be an IP address such as 127.0.0.1 or 0.0.0.0, got 'everywhere'" in (
+        bad.stdout
+    )
+    from luigi_celery.settings import load_settings
+
+    assert load_settings(env={}, use_luigi_config=False).metrics_address == "127.0.0.1"
+    assert load_settings(env={"LUIGI_CELERY_METRICS_ADDRESS": "::"}, use_luigi_config=False).metrics_address == "::"

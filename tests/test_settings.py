@@ -82,6 +82,7 @@ def test_the_luigi_config_section_sets_every_setting(
     luigi_config.set(CONFIG_SECTION, "queue", "from-config")
     luigi_config.set(CONFIG_SECTION, "connect_timeout", "2.5")
     luigi_config.set(CONFIG_SECTION, "embedded_dir", "/var/lib/from-config")
+    luigi_config.set(CONFIG_SECTION, "metrics_address", "0.0.0.0")
 
     # When the settings are loaded without env or flags
     settings = load_settings(env=NO_ENV)
@@ -94,6 +95,7 @@ def test_the_luigi_config_section_sets_every_setting(
         queue="from-config",
         connect_timeout=2.5,
         embedded_dir="/var/lib/from-config",
+        metrics_address="0.0.0.0",
     )
     assert settings.embedded is False
 
@@ -131,6 +133,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         "LUIGI_CELERY_CONNECT_TIMEOUT": "3",
         "LUIGI_CELERY_COMPLETE_CHECKS": "8",
         "LUIGI_CELERY_EMBEDDED_DIR": "/tmp/from-env",
+        "LUIGI_CELERY_METRICS_ADDRESS": " ::1 ",
     }
 
     # When the settings are loaded
@@ -145,6 +148,7 @@ def test_every_setting_can_come_from_the_environment(no_luigi_config: None) -> N
         connect_timeout=3.0,
         complete_checks=8,
         embedded_dir="/tmp/from-env",
+        metrics_address="::1",
     )
 
 
@@ -218,6 +222,71 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
     assert settings.broker_url is None
 
 
+# --- secrets from files ------------------------------------------------------------
+
+
+def test_every_setting_that_may_hold_a_password_can_come_from_a_file(no_luigi_config: None, tmp_path) -> None:
+    # Given each secret in a file of its own, as Docker and Kubernetes mount secrets (a trailing newline too)
+    values = {
+        "broker_url": "amqp://u:p@ss/w@broker//",
+        "result_backend": "redis://:pw@backend:6379/1",
+        "redis_url": "redis://:pw@store:6379/2",
+        "rabbitmq_api_url": "http://u:pw@api:15672/",
+        "secret": " s3cr3t with spaces ",
+    }
+    env = {}
+    for name, value in values.items():
+        (tmp_path / name).write_text(value + "\n")
+        env[f"LUIGI_CELERY_{name.upper()}_FILE"] = str(tmp_path / name)
+
+    # When the settings are loaded
+    settings = load_settings(env=env)
+
+    # Then each is the file's content, without the newline
+    assert {name: getattr(settings, name) for name in values} == values
+    # and a flag still wins over the file
+    assert load_settings({"broker_url": "redis://flag/0"}, env=env).broker_url == "redis://flag/0"
+
+
+def test_a_variable_and_its_file_both_set_is_an_error_naming_both(no_luigi_config: None, tmp_path) -> None:
+    # Given the broker URL in the environment and in a file
+    (tmp_path / "url").write_text("redis://:from-file@h/0")
+    env = {"LUIGI_CELERY_BROKER_URL": "redis://:from-env@h/0", "LUIGI_CELERY_BROKER_URL_FILE": str(tmp_path / "url")}
+
+    # When the settings are loaded / Then neither is chosen silently
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env=env)
+    assert str(refused.value) == (
+        "both LUIGI_CELERY_BROKER_URL and LUIGI_CELERY_BROKER_URL_FILE are set: set one of them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(None, "No such file or directory", id="missing"),
+        pytest.param(b"hunter2\xff\n", "not UTF-8 text", id="not text"),
+        pytest.param(b"\n", "names an empty file", id="empty"),
+    ],
+)
+def test_a_secret_file_that_cannot_be_read_is_one_line_naming_the_variable_and_the_path(
+    no_luigi_config: None, tmp_path, content: bytes | None, reason: str
+) -> None:
+    # Given LUIGI_CELERY_SECRET_FILE naming a file that is missing, not text, or empty
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+
+    # When the settings are loaded
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"LUIGI_CELERY_SECRET_FILE": str(path)})
+
+    # Then the error names the variable, the path and the reason, in one line, and not the content
+    message = str(refused.value)
+    assert "LUIGI_CELERY_SECRET_FILE" in message and str(path) in message and reason in message
+    assert "\n" not in message and "hunter2" not in message
+
+
 # --- what is refused ----------------------------------------------------------------
 
 
@@ -233,6 +302,8 @@ def test_the_luigi_config_can_be_left_out(luigi_config: luigi.configuration.Luig
         ("queue", "tab\there"),
         ("metrics_port", "70000"),
         ("metrics_port", "http"),
+        ("metrics_address", "localhost"),
+        ("metrics_address", "10.0.0.0/8"),
         ("outage_tolerance", "0"),
         ("complete_checks", "0"),
         ("complete_checks", "2.5"),
