@@ -74,6 +74,35 @@ def test_a_lock_without_heartbeat_expires_but_the_start_mark_stays(store, ids):
     assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
 
 
+def test_a_live_owner_takes_back_a_lock_and_start_mark_the_store_lost(store, ids):
+    # Given a lock whose owner still runs the task, lost by the store with the run's start marks
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.3, run_id, "c1")
+    store.forget_run(run_id)
+    time.sleep(0.5)
+    assert store.refresh(task_id, "a", 5) is False
+    # When the owner takes it again
+    assert store.retake(task_id, "a", 5, run_id, "c1") is None
+    # Then it holds the lock, its heartbeat keeps it, the attempt is marked started,
+    # and another delivery of the task does not run
+    assert store.refresh(task_id, "a", 5) is True
+    assert store.status(run_id, [task_id], ["c1"]) == ([True], [True])
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder == "a"
+
+
+def test_a_lock_someone_else_took_meanwhile_is_not_taken_back(store, ids):
+    # Given a lock the store lost, which another attempt then took
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.3, run_id, "c1")
+    time.sleep(0.5)
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
+    # When the first owner tries to take it again
+    holder = store.retake(task_id, "a", 5, run_id, "c1")
+    # Then it is told who holds it, and the lock stays the other's
+    assert holder == "b"
+    assert store.refresh(task_id, "a", 5) is False and store.refresh(task_id, "b", 5) is True
+
+
 def test_a_heartbeat_keeps_a_lock_alive(store, ids):
     task_id, run_id = ids
     store.acquire(task_id, "a", 0.4, run_id, "c1")
