@@ -264,22 +264,37 @@ def _already_complete(task: luigi.Task) -> bool:
         return False  # let the run itself meet (and report) the error
 
 
+@dataclasses.dataclass
+class _Held:
+    """A run lock this process holds, and what it takes to take it again."""
+
+    store: Store
+    task_id: str
+    owner: str
+    ttl: float
+    run_id: str
+    celery_id: str
+    due: float  # the next beat, on the monotonic clock
+
+
 class _Heartbeats:
     """Keeps alive every run lock this process holds, from one thread.
 
     A thread per task cost as much as the lock itself; this one is started on
-    first use in each process (a forked pool child starts its own).
+    first use in each process (a forked pool child starts its own).  A lock the
+    store lost while its task runs (a restart without persistence, a flush) is
+    taken again at the next beat, unless another worker took the task meanwhile.
     """
 
     def __init__(self) -> None:
-        # (store, task id) -> (owner, TTL, next beat on the monotonic clock)
-        self._held: dict[tuple[int, str], tuple[Store, str, float, float]] = {}
+        self._held: dict[tuple[int, str], _Held] = {}  # by (store, task id)
         self._changed = threading.Condition()
         self._pid: int | None = None
 
-    def hold(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
+    def hold(self, store: Store, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> None:
         with self._changed:
-            self._held[(id(store), task_id)] = (store, owner, ttl, time.monotonic() + ttl / HEARTBEATS_PER_TTL)
+            due = time.monotonic() + ttl / HEARTBEATS_PER_TTL
+            self._held[(id(store), task_id)] = _Held(store, task_id, owner, ttl, run_id, celery_id, due)
             if self._pid != os.getpid():  # first use in this process
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="luigi-celery-heartbeats", daemon=True).start()
@@ -289,32 +304,52 @@ class _Heartbeats:
         with self._changed:
             self._held.pop((id(store), task_id), None)
 
+    def _still_held(self, held: _Held) -> bool:
+        """False once the task has ended and let its lock go (or a later one holds it)."""
+        with self._changed:
+            return self._held.get((id(held.store), held.task_id)) is held
+
     def _run(self) -> None:
         while True:
             with self._changed:
                 now = time.monotonic()
-                due = [(key, held) for key, held in self._held.items() if held[3] <= now]
+                due = [held for held in self._held.values() if held.due <= now]
                 if not due:
-                    soonest = min((held[3] for held in self._held.values()), default=None)
+                    soonest = min((held.due for held in self._held.values()), default=None)
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
-                for key, (store, owner, ttl, _) in due:
-                    self._held[key] = (store, owner, ttl, now + ttl / HEARTBEATS_PER_TTL)
-            for (_, task_id), (store, owner, ttl, _) in due:
-                self._beat(store, task_id, owner, ttl)
+                for held in due:
+                    held.due = now + held.ttl / HEARTBEATS_PER_TTL
+            for held in due:
+                self._beat(held)
 
-    def _beat(self, store: Store, task_id: str, owner: str, ttl: float) -> None:
+    def _beat(self, held: _Held) -> None:
         try:
-            if not store.refresh(task_id, owner, ttl):
-                with self._changed:  # unless the task has just ended and let it go
-                    held = self._held.get((id(store), task_id))
-                    lost = held is not None and held[1] == owner
-                    if lost:
-                        del self._held[(id(store), task_id)]
-                if lost:
-                    logger.error("lost the run lock of %s: another worker may start it", task_id)
+            if held.store.refresh(held.task_id, held.owner, held.ttl) or not self._still_held(held):
+                return
+            holder = held.store.retake(held.task_id, held.owner, held.ttl, held.run_id, held.celery_id)
         except Exception as e:  # the store is away for a moment: try again next beat
-            logger.warning("could not refresh the run lock of %s: %s", task_id, e)
+            logger.warning("could not refresh the run lock of %s: %s", held.task_id, e)
+            return
+        if holder is None:
+            if self._still_held(held):
+                logger.warning(
+                    "took the run lock of %s again: it had vanished from the coordination store (restarted "
+                    "without its data, flushed, or away longer than the lock TTL) and no other worker had taken it",
+                    held.task_id,
+                )
+                return
+            try:  # the task ended while its lock was taken again: let it go
+                held.store.release(held.task_id, held.owner)
+            except Exception as e:  # it expires by itself
+                logger.warning("could not release the run lock of %s: %s", held.task_id, e)
+            return
+        with self._changed:
+            lost = self._held.get((id(held.store), held.task_id)) is held
+            if lost:
+                del self._held[(id(held.store), held.task_id)]
+        if lost:
+            logger.error("lost the run lock of %s: another worker may start it (%s holds it)", held.task_id, holder)
 
 
 _heartbeats = _Heartbeats()
@@ -352,7 +387,7 @@ def run_lock(
         logger.warning("not running %s: it is already running as %s", msg.celery_id, lease.holder)
         yield lease
         return
-    _heartbeats.hold(store, msg.task_id, owner, ttl)
+    _heartbeats.hold(store, msg.task_id, owner, ttl, msg.run_id, msg.celery_id)
     try:
         yield lease
     finally:

@@ -16,6 +16,12 @@ live run lock:
   visibility timeout): with a store, the task is published again (the run
   lock and the complete() check make the copy harmless); without one, its
   clock starts again.
+
+After the store was away, or lost its data (the dispatcher's own run claim
+vanished), the locks it shows say nothing yet: live workers take theirs again
+at their next heartbeat.  So for a full lease from the moment it answers
+again, the monitor records what it sees but calls nothing lost and nothing
+waited too long.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from luigi_celery import message as m
+from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Store
 
 if TYPE_CHECKING:
@@ -68,32 +75,39 @@ def judge(
     now: float,
     grace: float,
     queue_timeout: float | None,
+    settle_until: float = 0.0,
 ) -> Verdicts:
     """Update ``tracked`` with what the store says and sort out the lost and the waiting.
 
     ``locks[i]`` says whether ``tracked[i]``'s task holds a live run lock;
-    ``started[i]`` whether any of its attempts has started.
+    ``started[i]`` whether any of its attempts has started.  Before
+    ``settle_until`` (the store has just come back) there are no verdicts.
     """
     verdicts = Verdicts()
+    settling = now < settle_until
     for t, lock, has_started in zip(tracked, locks, started, strict=True):
         if now < t.hold_until:
             t.lock_gone_since = None
             continue
         t.started = t.started or has_started or lock or t.hold_until > 0
         if not t.started:
-            if queue_timeout is not None and now - t.waiting_since > queue_timeout:
+            if not settling and queue_timeout is not None and now - t.waiting_since > queue_timeout:
                 verdicts.waited_too_long.append(t)
         elif lock:
             t.lock_gone_since = None
         elif t.lock_gone_since is None:
             t.lock_gone_since = now  # its reply may be on the way: give it a moment
-        elif now - t.lock_gone_since >= grace:
+        elif not settling and now - t.lock_gone_since >= grace:
             verdicts.lost.append(t)
     return verdicts
 
 
 class Monitor(threading.Thread):
-    """Runs :func:`judge` every ``interval`` seconds and acts on the verdicts."""
+    """Runs :func:`judge` every ``interval`` seconds and acts on the verdicts.
+
+    ``lease`` is the run locks' TTL: after the store was away or lost its data,
+    verdicts wait that long, and one more check, from when it answers again.
+    """
 
     def __init__(
         self,
@@ -106,6 +120,7 @@ class Monitor(threading.Thread):
         queue_timeout: float | None,
         interval: float = CHECK_INTERVAL,
         on_check: Callable[[], None] = lambda: None,
+        lease: float = DEFAULT_LOCK_TTL,
     ) -> None:
         super().__init__(name="luigi-celery-monitor", daemon=True)
         self._run_id = run_id
@@ -117,6 +132,9 @@ class Monitor(threading.Thread):
         self._queue_timeout = queue_timeout
         self._interval = interval
         self._on_check = on_check
+        self._settle_for = lease + interval
+        self._settle_until = 0.0
+        self._store_away = False  # a check failed: settle once the store answers again
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -128,7 +146,18 @@ class Monitor(threading.Thread):
                 self._on_check()
                 self.check()
             except Exception as e:  # the store or the broker is away: try again next time
+                self._store_away = self._store is not None
                 logger.warning("could not check the tasks in flight: %s", e)
+
+    def settle(self) -> None:
+        """The store has just answered after losing its data or being away: give live
+        workers a full lease to take their locks again before calling any task lost."""
+        self._store_away = False
+        self._settle_until = time.monotonic() + self._settle_for
+        logger.warning(
+            "the coordination store lost its data or was away: no task is called lost for %g s, "
+            "while running tasks take their locks again", self._settle_for
+        )  # fmt: skip
 
     def check(self) -> None:
         tracked = self._snapshot()
@@ -138,13 +167,16 @@ class Monitor(threading.Thread):
             locks, started = self._store.status(
                 self._run_id, [t.msg.task_id for t in tracked], [cid for t in tracked for cid in t.celery_ids]
             )
+            if self._store_away:  # it answers again
+                self.settle()
             started_by_task, i = [], 0
             for t in tracked:
                 started_by_task.append(any(started[i : i + len(t.celery_ids)]))
                 i += len(t.celery_ids)
         else:  # no store: nothing is known to have started; the queue check still works
             locks, started_by_task = [False] * len(tracked), [False] * len(tracked)
-        verdicts = judge(tracked, locks, started_by_task, time.monotonic(), self._interval, self._queue_timeout)
+        now = time.monotonic()
+        verdicts = judge(tracked, locks, started_by_task, now, self._interval, self._queue_timeout, self._settle_until)
         for t in verdicts.lost:
             logger.warning("%s stopped beating on its worker; publishing it again", t.msg.task_id)
             self._republish(t)

@@ -153,7 +153,10 @@ class Sender:
             self._consumed_queues,
             queue_timeout=None if settings.embedded else settings.queue_timeout,
             on_check=self._refresh_claim,
+            lease=settings.lock_ttl,
         )
+        # who holds this run's claim when it is not this dispatcher (None: it is)
+        self._claim_holder: str | None = None
         # The dispatcher's Luigi [worker] settings that travel with each task.
         self.check_unfulfilled_deps = True
         self.check_complete_on_run = False
@@ -600,8 +603,23 @@ class Sender:
         )
 
     def _refresh_claim(self) -> None:
-        if self.store is not None and not self.store.refresh_run(self.run_id, self._owner, self.settings.lock_ttl):
-            logger.error("lost the claim on run %s: another dispatcher may take it over", self.run_id)
+        """Keep this run's claim alive; take it again when the store has lost it.
+
+        A claim that vanished tells that the store lost its data (or was away longer
+        than the claim's TTL): the workers' run locks went with it, and the monitor
+        waits for them to be taken again before calling any task lost.
+        """
+        if self.store is None or self.store.refresh_run(self.run_id, self._owner, self.settings.lock_ttl):
+            self._claim_holder = None
+            return
+        holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
+        if holder is None:
+            logger.warning("took the claim on run %s again: it had vanished from the coordination store", self.run_id)
+        elif holder != self._claim_holder:
+            logger.error("lost the claim on run %s to %s: another dispatcher runs it too", self.run_id, holder)
+        if self._claim_holder is None:  # it was ours until now
+            self._monitor.settle()
+        self._claim_holder = holder
 
     def _consumed_queues(self) -> set[str] | None:
         """The queues some worker consumes right now, or None if the workers could not be asked."""

@@ -5,7 +5,9 @@ alive with a heartbeat; a second delivery of the same task (a redelivered
 message, a re-published attempt) finds the lock held and does not run.  The
 dispatcher reads, in bulk, which of its tasks have started and which locks
 are still alive: a started task whose lock expired without a result ran on a
-worker that died, and is published again.
+worker that died, and is published again.  A store may also lose its data (a
+restart without persistence, a flush): a live worker then takes its lock again,
+and only if nobody else took it meanwhile.
 
 Two implementations with the same semantics: :class:`RedisStore` (atomic
 Lua scripts, expiry on the Redis server's clock) and :class:`MemoryStore`
@@ -104,6 +106,15 @@ class Store(Protocol):
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
         """Extend the lock if ``owner`` still holds it; False when it was lost."""
 
+    def retake(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        """Take the lock ``owner`` held again, unless someone else has it; mark ``celery_id`` started.
+
+        For a live worker whose lock vanished (the store restarted empty, was flushed, or
+        was away longer than the TTL). ``owner`` is unique to one attempt in one process,
+        so this succeeds only while nobody else took the task meanwhile. Returns None when
+        the lock is ``owner``'s (again), else the other holder; then nothing changes.
+        """
+
     def release(self, task_id: str, owner: str) -> None:
         """Drop the lock if ``owner`` holds it."""
 
@@ -166,6 +177,15 @@ class MemoryStore:
             self._locks[task_id] = (owner, time.monotonic() + ttl)
             return True
 
+    def retake(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        with self._lock:
+            holder = self._holder(task_id)
+            if holder is not None and holder != owner:
+                return holder
+            self._locks[task_id] = (owner, time.monotonic() + ttl)
+            self._started.setdefault(run_id, set()).add(celery_id)
+            return None
+
     def release(self, task_id: str, owner: str) -> None:
         with self._lock:
             if self._holder(task_id) == owner:
@@ -219,6 +239,16 @@ _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: lock, start marks; ARGV: owner, ttl ms, celery id, start-mark ttl s.
+# Returns '' when the lock is the owner's (again), else the other holder.
+_RETAKE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSETNX', KEYS[2], ARGV[3], redis.call('TIME')[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return ''
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -237,6 +267,7 @@ class RedisStore:
             raise ConfigError(f"invalid coordination store URL {redact(url)}: {reason}") from e
         self._acquire = self._client.register_script(_ACQUIRE)
         self._refresh = self._client.register_script(_REFRESH)
+        self._retake = self._client.register_script(_RETAKE)
         self._release = self._client.register_script(_RELEASE)
 
     def ping(self) -> None:
@@ -258,6 +289,12 @@ class RedisStore:
     @ride_out_outages
     def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
         return bool(self._refresh(keys=[lock_key(task_id)], args=[owner, int(ttl * 1000)]))
+
+    @ride_out_outages
+    def retake(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+        keys = [lock_key(task_id), starts_key(run_id)]
+        holder = self._retake(keys=keys, args=[owner, int(ttl * 1000), celery_id, START_MARK_TTL])
+        return str(holder) if holder else None
 
     @ride_out_outages
     def release(self, task_id: str, owner: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -299,10 +300,19 @@ class OwnRedis:
             self.process.terminate()  # Redis flushes its append-only file on SIGTERM
             self.process.wait(20)
 
-    def restart(self, down_for: float) -> None:
+    def restart(self, down_for: float, keep_data: bool = True) -> None:
+        """Stop the server and start it again ``down_for`` seconds later; without ``keep_data``
+        it comes back empty, as a server without persistence does."""
         self.stop()
+        if not keep_data:
+            shutil.rmtree(self.folder)
+            self.folder.mkdir()
         time.sleep(down_for)
         self.start()
+
+    def flushall(self) -> None:
+        """Wipe every key while the server runs: a store that lost its data, without an outage."""
+        subprocess.run(["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True, capture_output=True)
 
 
 @pytest.fixture

@@ -19,9 +19,10 @@ from kombu import Connection
 
 from luigi_celery import message as m
 from luigi_celery.app import make_app
+from luigi_celery.monitor import CHECK_INTERVAL
 from luigi_celery.results import reply_queue, reply_queue_name
 from luigi_celery.settings import Settings
-from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env
+from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env, wait_until
 from tests.pipelines import Slow
 
 SLOW = ("--module", "tests.pipelines", "ManySlow")
@@ -267,6 +268,40 @@ def test_a_redis_restart_mid_run_loses_nothing(own_redis, fresh_pool, tmp_path):
     assert run.returncode == 0, output[-3000:]
     assert len(outputs(tmp_path)) == 6
     assert set(starts(tmp_path).values()) == {1}, starts(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        # wiped once the dispatcher has seen the tasks start: without their locks they look lost
+        "flushed-after-a-check",
+        # restarted empty before the dispatcher saw them start: without their start marks they look
+        # queued, and a short queue timeout publishes them again
+        "restarted-empty-at-once",
+    ],
+)
+def test_a_store_that_loses_its_data_mid_run_runs_nothing_twice(own_redis, fresh_pool, tmp_path, loss):
+    # Given two 20-second tasks running on a pool with processes to spare (two workers, four
+    # processes), over a coordination store of the test's own, with 6-second run locks
+    pool = fresh_pool(REDIS_URL, LUIGI_CELERY_REDIS_URL=own_redis.url, LUIGI_CELERY_LOCK_TTL="6")
+    run = pool.start(*SLOW, "--out", str(tmp_path), "--count", "2", "--seconds", "20", "--workers", "2",
+                     "--queue-timeout", "5")  # fmt: skip
+    wait_until("both tasks started", lambda: len(starts(tmp_path)) == 2, timeout=60, process=run)
+    # When the store loses every key while they run
+    if loss == "flushed-after-a-check":
+        time.sleep(CHECK_INTERVAL + 1)
+        own_redis.flushall()
+    else:
+        own_redis.restart(down_for=2, keep_data=False)
+    output, _ = run.communicate(timeout=120)
+    # Then the run completes with every output, and each task started exactly once: the live
+    # workers took their locks again, the dispatcher its claim, and nothing was published again
+    # to the processes to spare
+    assert run.returncode == 0, output[-3000:]
+    assert len(outputs(tmp_path)) == 2
+    assert sorted(starts(tmp_path).values()) == [1, 1], starts(tmp_path)
+    assert pool.logs().count("took the run lock of Slow_") == 2, pool.logs()[-3000:]
+    assert "took the claim on run" in output and "publishing it again" not in output, output[-3000:]
 
 
 def test_a_broker_gone_for_good_fails_the_run_with_the_reason(own_redis, fresh_pool, tmp_path):

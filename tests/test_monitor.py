@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from luigi_celery import message as m
 from luigi_celery.monitor import Monitor, Tracked, judge
+from luigi_celery.store import MemoryStore
 
 
 def tracked(name: str = "T", queue: str = "q", waiting_since: float = 0.0) -> Tracked:
@@ -51,6 +54,90 @@ def test_a_held_task_that_starts_is_not_lost():
     t.hold_until = 10.0
     judge([t], locks=[False], started=[False], now=11, grace=5, queue_timeout=None)
     assert judge([t], locks=[True], started=[True], now=16, grace=5, queue_timeout=None).lost == []
+
+
+def test_after_the_store_came_back_nothing_is_lost_or_waited_too_long_until_it_settled():
+    # Given a started task whose lock is gone, and one never started, waiting since long
+    gone, waiting = tracked("A"), tracked("B", waiting_since=0)
+    judge([gone], locks=[False], started=[True], now=20, grace=5, queue_timeout=None)
+    # When the store came back at 25 and settles until 36 (a lease and a check)
+    settling = judge([gone, waiting], locks=[False, False], started=[True, False], now=30, grace=5,
+                     queue_timeout=10, settle_until=36)  # fmt: skip
+    # Then there are no verdicts meanwhile
+    assert settling.lost == [] and settling.waited_too_long == []
+    # but once it has settled, a lock still gone is lost at once, and the waiting task waited too long
+    settled = judge([gone, waiting], locks=[False, False], started=[True, False], now=36, grace=5,
+                    queue_timeout=10, settle_until=36)  # fmt: skip
+    assert settled.lost == [gone] and settled.waited_too_long == [waiting]
+
+
+def test_a_lock_taken_again_while_the_store_settles_is_not_lost():
+    # Given a started task whose lock the store lost at 20, and a store settling until 31
+    t = tracked()
+    judge([t], locks=[False], started=[True], now=20, grace=5, queue_timeout=None, settle_until=31)
+    # When its worker has not taken the lock again by the next check, but has by the one after
+    assert judge([t], locks=[False], started=[False], now=25, grace=5, queue_timeout=None, settle_until=31).lost == []
+    judge([t], locks=[True], started=[True], now=28, grace=5, queue_timeout=None, settle_until=31)
+    # Then it is not lost once the store has settled
+    assert judge([t], locks=[True], started=[True], now=31, grace=5, queue_timeout=None).lost == []
+    assert t.lock_gone_since is None
+
+
+class AwayThenBack(MemoryStore):
+    """A store that cannot be reached for its first ``away`` status calls."""
+
+    def __init__(self, away: int) -> None:
+        super().__init__()
+        self.away = away
+        self.back_at: float | None = None
+
+    def status(self, run_id, task_ids, celery_ids):
+        if self.away:
+            self.away -= 1
+            raise ConnectionError("store away")
+        if self.back_at is None:
+            self.back_at = time.monotonic()
+        return super().status(run_id, task_ids, celery_ids)
+
+
+def test_after_an_outage_the_monitor_waits_a_full_lease_before_calling_a_task_lost():
+    # Given a task that started and whose lock was gone before the store went away
+    gone = tracked()
+    gone.started, gone.lock_gone_since = True, time.monotonic() - 60
+    store, republished = AwayThenBack(away=2), []
+    monitor = Monitor("r", store, lambda: [gone], lambda t: republished.append(time.monotonic()),
+                      lambda t, why: None, lambda: set(), queue_timeout=None, interval=0.05, lease=1.0)  # fmt: skip
+    # When the store is away for two checks, then answers
+    monitor.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not republished and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        monitor.stop()
+    # Then the task whose lock is still gone is published again, but not before a lease has passed
+    # since the store answered (its worker may be taking the lock again)
+    assert republished and store.back_at is not None
+    assert republished[0] - store.back_at >= 1.0
+
+
+def test_a_monitor_told_the_store_lost_its_data_waits_a_lease_and_a_check_before_calling_a_task_lost():
+    # Given a started task whose lock is gone
+    gone = tracked()
+    gone.started, gone.lock_gone_since = True, time.monotonic() - 60
+    republished: list = []
+    monitor = Monitor("r", MemoryStore(), lambda: [gone], republished.append, lambda t, why: None,
+                      lambda: set(), queue_timeout=None, interval=0.2, lease=1.0)  # fmt: skip
+    # When the dispatcher tells the monitor the store lost its data (its claim vanished)
+    monitor.settle()
+    # Then the task is not lost for the lease and one check interval
+    monitor.check()
+    time.sleep(1.0)
+    monitor.check()
+    assert republished == []
+    time.sleep(0.3)
+    monitor.check()
+    assert republished == [gone]
 
 
 def _monitor(consumed, failed, store=None, republished=None):

@@ -17,6 +17,7 @@ from luigi_celery.ratelimit import MemoryLimiter, Rate
 from luigi_celery.results import ResultWatcher, publish_retry_policy
 from luigi_celery.sender import Sender
 from luigi_celery.settings import Settings
+from luigi_celery.store import MemoryStore
 from tests.pipelines import Limited, NeedsLocal, Unlimited
 
 # Nothing listens on port 1: the app can be made, any connection is refused.
@@ -224,3 +225,42 @@ def test_with_a_secret_tasks_go_out_signed_and_unsigned_replies_are_dropped(capl
     assert caplog.text.count("dropped an invalid reply") == 2
     sender._on_reply(m.sign(reply, "s3cret"))
     assert [r.status for r in flight.results] == [m.DONE]
+
+
+def _claimed_run(store: MemoryStore) -> Sender:
+    """A sender holding its run's claim in ``store``, as after start()."""
+    settings = Settings(broker_url=UNREACHABLE, lock_ttl=5.0)
+    made = Sender(make_app(settings), settings, store=store)
+    assert store.claim_run(made.run_id, made._owner, settings.lock_ttl) is None
+    return made
+
+
+def test_a_run_claim_the_store_lost_is_taken_again_and_the_monitor_waits(caplog) -> None:
+    # Given a dispatcher holding its run's claim
+    store = MemoryStore()
+    sender = _claimed_run(store)
+    # When the store loses it (restarted empty, flushed) and the monitor's check refreshes it
+    store.release_run(sender.run_id, sender._owner)
+    sender._refresh_claim()
+    # Then the claim is this dispatcher's again, and the monitor calls nothing lost for a while
+    assert store.claim_run(sender.run_id, "another dispatcher", 5.0) == sender._owner
+    assert sender._monitor._settle_until > time.monotonic() + 5.0
+    assert f"took the claim on run {sender.run_id} again" in caplog.text
+    # and the next refresh finds it alive, saying nothing more
+    caplog.clear()
+    sender._refresh_claim()
+    assert caplog.text == ""
+
+
+def test_a_run_claim_another_dispatcher_took_is_left_to_it_and_said_once(caplog) -> None:
+    # Given a dispatcher whose claim the store lost, and another dispatcher that took it
+    store = MemoryStore()
+    sender = _claimed_run(store)
+    store.release_run(sender.run_id, sender._owner)
+    store.claim_run(sender.run_id, "another dispatcher", 5.0)
+    # When the monitor's checks refresh it, twice
+    sender._refresh_claim()
+    sender._refresh_claim()
+    # Then the claim stays the other's, and the error is logged once
+    assert store.claim_run(sender.run_id, "a third", 5.0) == "another dispatcher"
+    assert caplog.text.count(f"lost the claim on run {sender.run_id} to another dispatcher") == 1

@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from luigi_celery import message as m
-from luigi_celery.execute import run_lock
-from luigi_celery.store import MemoryStore, RedisStore, died_here, redis_store_url
+from luigi_celery.execute import _Heartbeats, run_lock
+from luigi_celery.store import MemoryStore, RedisStore, died_here, owner_here, redis_store_url
 from tests.conftest import REDIS_URL
 
 
@@ -74,6 +74,35 @@ def test_a_lock_without_heartbeat_expires_but_the_start_mark_stays(store, ids):
     assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
 
 
+def test_a_live_owner_takes_back_a_lock_and_start_mark_the_store_lost(store, ids):
+    # Given a lock whose owner still runs the task, lost by the store with the run's start marks
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.3, run_id, "c1")
+    store.forget_run(run_id)
+    time.sleep(0.5)
+    assert store.refresh(task_id, "a", 5) is False
+    # When the owner takes it again
+    assert store.retake(task_id, "a", 5, run_id, "c1") is None
+    # Then it holds the lock, its heartbeat keeps it, the attempt is marked started,
+    # and another delivery of the task does not run
+    assert store.refresh(task_id, "a", 5) is True
+    assert store.status(run_id, [task_id], ["c1"]) == ([True], [True])
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder == "a"
+
+
+def test_a_lock_someone_else_took_meanwhile_is_not_taken_back(store, ids):
+    # Given a lock the store lost, which another attempt then took
+    task_id, run_id = ids
+    store.acquire(task_id, "a", 0.3, run_id, "c1")
+    time.sleep(0.5)
+    assert store.acquire(task_id, "b", 5, run_id, "c2").holder is None
+    # When the first owner tries to take it again
+    holder = store.retake(task_id, "a", 5, run_id, "c1")
+    # Then it is told who holds it, and the lock stays the other's
+    assert holder == "b"
+    assert store.refresh(task_id, "a", 5) is False and store.refresh(task_id, "b", 5) is True
+
+
 def test_a_heartbeat_keeps_a_lock_alive(store, ids):
     task_id, run_id = ids
     store.acquire(task_id, "a", 0.4, run_id, "c1")
@@ -127,6 +156,59 @@ def test_run_lock_lets_one_delivery_run_and_keeps_the_lock_beating(ids):
         time.sleep(0.6)  # twice the TTL: only the heartbeat keeps it
         assert store.status(run_id, [task_id], [])[0] == [True]
     assert store.status(run_id, [task_id], [])[0] == [False]  # released at the end
+
+
+def test_a_running_task_takes_its_lock_again_when_the_store_lost_it(ids, caplog):
+    # Given a task running under its lock (a beat every 0.05 s)
+    task_id, run_id = ids
+    store, msg = MemoryStore(), _msg(task_id, run_id)
+    with run_lock(store, msg, ttl=0.3):
+        # When the store loses the lock and the run's start marks (restarted empty, flushed)
+        store.release(task_id, owner_here(msg.celery_id))
+        store.forget_run(run_id)
+        time.sleep(0.2)
+        # Then the heartbeat has taken the lock again, marked the attempt started, and said so
+        assert store.status(run_id, [task_id], [msg.celery_id]) == ([True], [True])
+        assert store.acquire(task_id, "another", 5, run_id, "c2").holder == owner_here(msg.celery_id)
+        assert f"took the run lock of {task_id} again" in caplog.text
+        time.sleep(0.4)  # and keeps it beating
+        assert store.status(run_id, [task_id], [])[0] == [True]
+    assert store.status(run_id, [task_id], [])[0] == [False]
+
+
+def test_a_running_task_whose_lock_another_worker_took_does_not_take_it_back(ids, caplog):
+    # Given a task running under its lock
+    task_id, run_id = ids
+    store, msg = MemoryStore(), _msg(task_id, run_id)
+    with run_lock(store, msg, ttl=0.3):
+        # When the store loses the lock and another attempt takes it before the next beat
+        store.release(task_id, owner_here(msg.celery_id))
+        store.acquire(task_id, "another", 5, run_id, "c2")
+        time.sleep(0.2)
+        # Then the heartbeat leaves it to the other, and says the task may run twice
+        assert store.acquire(task_id, "third", 5, run_id, "c3").holder == "another"
+        assert f"lost the run lock of {task_id}: another worker may start it (another holds it)" in caplog.text
+    assert store.acquire(task_id, "third", 5, run_id, "c3").holder == "another"  # its lock, not released by us
+
+
+def test_a_lock_taken_again_as_its_task_ends_is_let_go(ids):
+    # Given a heartbeat that finds the lock gone, and a task that ends just as it takes it again
+    task_id, run_id = ids
+    beats = _Heartbeats()
+
+    class EndsWhileRetaking(MemoryStore):
+        def refresh(self, task_id: str, owner: str, ttl: float) -> bool:
+            return False
+
+        def retake(self, task_id: str, owner: str, ttl: float, run_id: str, celery_id: str) -> str | None:
+            beats.drop(self, task_id)  # the task ended and let go (a no-op release: the lock was gone)
+            return super().retake(task_id, owner, ttl, run_id, celery_id)
+
+    store = EndsWhileRetaking()
+    beats.hold(store, task_id, "a", 0.3, run_id, "c1")
+    time.sleep(0.2)
+    # Then the lock it took again is released, not left to block the task for a TTL
+    assert store.status(run_id, [task_id], [])[0] == [False]
 
 
 def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
