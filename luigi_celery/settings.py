@@ -133,26 +133,24 @@ def _modules(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
 
-def positive_number(value: str) -> float:
-    """A finite number above 0 (seconds, mostly), from a flag, an environment variable or the luigi config."""
+def _number(value: str, fits: Callable[[float], bool], wanted: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        number = 0.0
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"must be a positive number, got {value!r}")
+        number = math.nan
+    if not (math.isfinite(number) and fits(number)):
+        raise ValueError(f"must be {wanted}, got {value!r}")
     return number
+
+
+def positive_number(value: str) -> float:
+    """A finite number above 0 (seconds, mostly), from a flag, an environment variable or the luigi config."""
+    return _number(value, lambda n: n > 0, "a positive number")
 
 
 def non_negative_number(value: str) -> float:
     """A finite number, 0 or more (a wait that may be switched off)."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not (math.isfinite(number) and number >= 0):
-        raise ValueError(f"must be a number, 0 or more, got {value!r}")
-    return number
+    return _number(value, lambda n: n >= 0, "a number, 0 or more")
 
 
 def positive_int(value: str) -> int:

@@ -70,13 +70,18 @@ def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replace
     assert len(set(re.findall(r"\[pid (\d+)\] Worker", worker.output()))) > 2
 
 
-def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
-    port = free_port()
-    run = subprocess.Popen(
-        redis_pool.command("--module", "tests.pipelines", "ManySlow", "--count", "2", "--seconds", "3",
-                           "--out", str(tmp_path), "--workers", "2", "--metrics-port", str(port)),
+def start_slow_run(pool, out, port: int, count: int, seconds: float) -> subprocess.Popen:
+    """A run of ``count`` tasks of ``seconds`` serving its metrics on ``port``, in the background."""
+    return subprocess.Popen(
+        pool.command("--module", "tests.pipelines", "ManySlow", "--count", str(count), "--seconds", str(seconds),
+                     "--out", str(out), "--workers", "2", "--metrics-port", str(port)),
         cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+
+
+def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
+    port = free_port()
+    run = start_slow_run(redis_pool, tmp_path, port, count=2, seconds=3)
     try:
         deadline, samples = time.time() + 30, {}
         while time.time() < deadline:
@@ -170,11 +175,7 @@ def test_a_scrape_seen_once_or_long_ago_is_not_a_scraper_and_0_waits_for_none(ca
 def test_a_dispatcher_scraped_once_by_hand_ends_with_its_run(redis_pool, tmp_path):
     # Given a run serving its metrics, scraped once while it runs (a curl, not Prometheus)
     port = free_port()
-    run = subprocess.Popen(
-        redis_pool.command("--module", "tests.pipelines", "ManySlow", "--count", "1", "--seconds", "2",
-                           "--out", str(tmp_path), "--workers", "2", "--metrics-port", str(port)),
-        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    run = start_slow_run(redis_pool, tmp_path, port, count=1, seconds=2)
     deadline, samples = time.time() + 30, {}
     while not total(samples, "luigi_celery_dispatched_total") and time.time() < deadline:
         time.sleep(0.1)
