@@ -1,6 +1,7 @@
 """The Luigi seam: a Luigi worker whose "processes" are Celery messages.
 
-This is the ONLY module that touches Luigi's private API:
+This is the only module of the dispatcher that touches Luigi's private API
+(on a worker, ``taskprocess.py`` is the only one):
 ``Worker._create_task_process``, ``Worker._task_result_queue``, ``Worker._task_completion_cache``,
 ``Worker._scheduled_tasks``, ``Worker._add_task``, ``Worker._add``, ``Worker._validate_task``,
 ``interface._WorkerSchedulerFactory``,

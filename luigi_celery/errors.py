@@ -37,3 +37,9 @@ class TaskNotAllowed(LuigiCeleryError):
 
 class RunAlreadyActive(LuigiCeleryError):
     """Another live dispatcher is running the same pipeline (same root task and queue)."""
+
+
+class LuigiTaskFailed(Exception):
+    """Raised after a FAILED reply has gone to the dispatcher, so that Celery, and
+    Flower with it, record a task Luigi calls FAILED as a FAILURE, with Luigi's
+    explanation. The dispatcher never sees it: it reads the reply."""

@@ -130,6 +130,20 @@ def test_the_private_worker_api_we_use_still_exists():
     assert list(inspect.signature(luigi.worker.check_complete).parameters) == ["task", "out_queue", "completion_cache"]
 
 
+def test_the_task_process_seam_the_worker_overrides_still_exists():
+    # luigi_celery.taskprocess runs Luigi's TaskProcess in a worker and overrides how it turns
+    # a run() exception into an explanation: Luigi's run() must still call that method, with
+    # the exception, and the task process must still take what the worker passes it
+    from luigi_celery.taskprocess import _WorkerTaskProcess
+
+    assert list(inspect.signature(luigi.worker.TaskProcess._handle_run_exception).parameters) == ["self", "ex"]
+    assert "self._handle_run_exception(ex)" in inspect.getsource(luigi.worker.TaskProcess.run)
+    assert "_handle_run_exception" in vars(_WorkerTaskProcess)
+    taken = inspect.signature(luigi.worker.TaskProcess).parameters
+    assert list(taken)[:4] == ["task", "worker_id", "result_queue", "status_reporter"]
+    assert {"check_unfulfilled_deps", "check_complete_on_run"} <= set(taken)
+
+
 def test_the_command_line_parser_we_read_still_exists():
     # luigi_celery.commandline checks a run's command line with the parser Luigi builds
     from luigi.cmdline_parser import CmdlineParser

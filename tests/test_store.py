@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from luigi_celery import message as m
-from luigi_celery.execute import _Heartbeats, run_lock
+from luigi_celery.runlock import _Heartbeats, run_lock
 from luigi_celery.store import MemoryStore, RedisStore, died_here, owner_here, redis_store_url
 from tests.conftest import REDIS_URL
 
