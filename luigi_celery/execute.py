@@ -24,7 +24,7 @@ from luigi_celery import message as m
 from luigi_celery.errors import ConfigError, LuigiTaskFailed, MessageError
 from luigi_celery.metrics import Delivery, WorkerMetrics
 from luigi_celery.options import task_options
-from luigi_celery.ratelimit import LATENESS_ALLOWED, Limiter, Rate
+from luigi_celery.ratelimit import Limiter, gate
 from luigi_celery.results import publish_reply
 from luigi_celery.runlock import run_lock
 from luigi_celery.settings import DEFAULT_LOCK_TTL
@@ -98,17 +98,6 @@ class ExecuteTask(Task):
             publish_reply(self.app, msg.reply_to, m.sign(result.to_dict(), self.secret))
         except Exception:
             logger.exception("could not report the failure of %s", msg.task_id)
-
-
-def _rate_gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tuple[float, float]:
-    """(seconds to wait, the slot to wait for); (0, slot) means start now.
-
-    A task that comes with a slot starts if it is on time; one that comes late
-    (a busy pool, a slow broker) or with no slot takes the next free one.
-    """
-    if slot is not None and limiter.late_by(slot) <= LATENESS_ALLOWED * rate.interval:
-        return 0.0, slot
-    return limiter.reserve(key, rate)
 
 
 # The explanation a FAILURE carries into Celery's events (Flower) is cut to this many characters.
@@ -207,7 +196,7 @@ def register_execute(
             return _ended(failed)
 
         if options.rate is not None and limiter is not None:
-            wait, slot = _rate_gate(limiter, options.rate_key, options.rate, msg.rate_slot)
+            wait, slot = gate(limiter, options.rate_key, options.rate, msg.rate_slot)
             if wait > 0:
                 # Its slot is later: back to the broker with that countdown, holding the slot.
                 # The worker keeps it in memory, not in a pool process, and other tasks go on.

@@ -22,7 +22,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -102,11 +102,6 @@ def parse_celery_id(celery_id: str) -> CeleryId | None:
     if len(parts) != 4 or len(parts[1]) != 16 or not parts[2].isdigit() or not _TOKEN.fullmatch(parts[3]):
         return None
     return CeleryId(parts[1], int(parts[2]), parts[3])
-
-
-def module_allowed(module: str, allowed: Iterable[str]) -> bool:
-    """True when ``module`` is in the allowlist or inside an allowed package."""
-    return any(module == a or module.startswith(a + ".") for a in allowed)
 
 
 def _signed_text(payload: Mapping[str, Any]) -> bytes:

@@ -24,7 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from luigi_celery.hooks import DispatchHook
+
+if TYPE_CHECKING:
+    from luigi_celery.monitor import Tracked
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +81,8 @@ class _Scrapes:
             return self.seen.wait_for(lambda: bool(self.started) and self.started[-1] > moment, timeout)
 
 
-class DispatcherMetrics:
-    """What ``luigi-celery run`` sends and hears back."""
+class DispatcherMetrics(DispatchHook):
+    """What ``luigi-celery run`` sends and hears back: counted at the dispatcher's hook moments."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -100,6 +105,12 @@ class DispatcherMetrics:
             ["family", "queue", "status"], registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge("luigi_celery_in_flight", "Tasks sent and not yet answered", registry=self.registry)
+
+    def published(self, tracked: Tracked) -> None:
+        self.dispatched.labels(**labels(tracked.msg.family, tracked.queue)).inc()
+
+    def answered(self, family: str, queue: str, status: str) -> None:
+        self.completed.labels(**labels(family, queue), status=status).inc()
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(count)

@@ -31,18 +31,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import luigi
 
 from luigi_celery import message as m
 from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Store
 
-if TYPE_CHECKING:
-    from luigi_celery.sender import Flight
-
 logger = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 5.0
+
+
+class Flight(Protocol):
+    """One Luigi task on its way to a worker, as the sender sees it."""
+
+    task: luigi.Task
+    worker_timeout: float | None
+
+    def on_result(self, result: m.ResultMessage) -> None: ...
+
+    def on_status(self, status: m.StatusMessage) -> None: ...
 
 
 @dataclass

@@ -236,3 +236,14 @@ class RedisLimiter(_Limiter):
     @ride_out_outages
     def _server_now(self) -> float:
         return float(self._now()) / 1000
+
+
+def gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tuple[float, float]:
+    """Where a task starts, on a worker: (seconds to wait, the slot to wait for); (0, slot): start now.
+
+    A task that comes with a slot starts if it is on time; one that comes late
+    (a busy pool, a slow broker) or with no slot takes the next free one.
+    """
+    if slot is not None and limiter.late_by(slot) <= LATENESS_ALLOWED * rate.interval:
+        return 0.0, slot
+    return limiter.reserve(key, rate)

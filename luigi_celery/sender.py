@@ -2,83 +2,43 @@
 
 The :class:`Sender` knows nothing of Luigi's worker internals: it publishes a
 *flight* (anything with a ``task``, a ``worker_timeout`` and two callbacks)
-and calls the flight back from the watcher thread when a reply arrives.
+and calls the flight back from the watcher thread when a reply arrives. It
+wires the pieces of the dispatcher's side: the ledger of what is in flight
+(ledger.py), the publisher (publisher.py), the hooks of the policies
+(hooks.py: rate limits in pacing.py, metrics in metrics.py), the run's claim
+and adoption after a restart (claim.py), the reply watcher (results.py) and
+the monitor of lost tasks (monitor.py).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
 import logging
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
 
-import luigi
 from celery import Celery
 
 from luigi_celery import message as m
-from luigi_celery.errors import (
-    BrokerUnavailable,
-    ConfigError,
-    DispatchRefused,
-    LuigiCeleryError,
-    MessageError,
-    RunAlreadyActive,
-)
-from luigi_celery.metrics import DispatcherMetrics, hook, labels
-from luigi_celery.monitor import Monitor, Tracked
-from luigi_celery.options import task_options
-from luigi_celery.pacing import Pacer, Waits
+from luigi_celery.allowlist import RunModules
+from luigi_celery.claim import RunClaim
+from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, LuigiCeleryError, MessageError
+from luigi_celery.hooks import DispatchHook, hold_for, tell_answered, tell_published
+from luigi_celery.ledger import Ledger, Route
+from luigi_celery.metrics import DispatcherMetrics
+from luigi_celery.monitor import Flight, Monitor, Tracked
+from luigi_celery.pacing import Pacer, RatePacing
+from luigi_celery.publisher import Publisher, track
+from luigi_celery.publisher import check_broker as check_broker  # (where the CLI and run.py find it)
 from luigi_celery.queues import QueueDepthCollector
-from luigi_celery.ratelimit import Limiter, MemoryLimiter
-from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
-from luigi_celery.results import ResultWatcher, publish_retry_policy, reply_queue, reply_queue_name
-from luigi_celery.sent_events import SentEvents
-from luigi_celery.settings import HARD_TIME_LIMIT_GRACE, Settings, redact
-from luigi_celery.store import Store, died_here, owner_here
+from luigi_celery.ratelimit import Limiter
+from luigi_celery.redaction import scrub
+from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
+from luigi_celery.settings import Settings, redact
+from luigi_celery.store import Store
 
 logger = logging.getLogger(__name__)
-
-# How much of a task's message Flower shows (Celery's own default).
-KWARGSREPR_MAX = 1024
-
-# How long closing a run waits for the coordination store.
-STORE_CLOSE_TIMEOUT = 5.0
-
-# Tasks Luigi's loop sends between two waits go out in one round trip, where the broker
-# allows it (Redis: one pipeline), up to this many at a time.
-PUBLISH_BATCH = 100
-
-
-class Flight(Protocol):
-    """One Luigi task on its way to a worker, as the sender sees it."""
-
-    task: luigi.Task
-    worker_timeout: float | None
-
-    def on_result(self, result: m.ResultMessage) -> None: ...
-
-    def on_status(self, status: m.StatusMessage) -> None: ...
-
-
-def check_broker(app: Celery, timeout: float) -> None:
-    """Connect to the broker once, giving up after about ``timeout`` seconds."""
-    url = app.conf.broker_url
-    conn = app.connection_for_write()
-    try:
-        conn.ensure_connection(max_retries=1, timeout=timeout)
-        conn.default_channel  # noqa: B018  (opening a channel proves the login works)
-    except Exception as e:
-        # (a password that should have been percent-encoded sends kombu to a host made of a piece of it)
-        hint = f" ({ENCODING_HINT})" if needs_encoding(url) else ""
-        raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {scrub(str(e), urls=[url])}{hint}") from e
-    finally:
-        conn.release()
 
 
 class Sender:
@@ -93,6 +53,8 @@ class Sender:
         limiter: Limiter | None = None,
         metrics: DispatcherMetrics | None = None,
     ) -> None:
+        """``limiter``: the rate limiter shared with the workers (None: this dispatcher paces
+        its own tasks); ``metrics``: counted at the hooks' moments (None: nothing is counted)."""
         self.app = app
         self.settings = settings
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -101,30 +63,12 @@ class Sender:
         self.session = uuid.uuid4().hex
         self.reply_to = reply_queue_name(self.run_id)
         self.store = store
-        # every Celery id of every attempt still in flight -> its task's record
-        self._in_flight: dict[str, Tracked] = {}
-        self._lock = threading.Lock()
-        self._attempts: collections.Counter[str] = collections.Counter()
+        self.ledger = Ledger()
+        self._hooks: Sequence[DispatchHook] = [RatePacing(limiter), *([metrics] if metrics is not None else [])]
         self._broken: str | None = None
-        self._owner = owner_here("dispatcher")
-        # task digest -> Celery ids an earlier dispatcher of this run saw started
-        self._adoptable: dict[str, list[str]] = {}
-        # Reserves rate-limit slots. Shared with the workers, which check a task's slot where it
-        # starts; without one (RabbitMQ with no store) this dispatcher paces its own tasks only.
-        self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
-        self._limiter_shared = limiter is not None
-        self._warned_unshared = False
-        # replies that came for adoptable ids before Luigi asked for their task
-        self._early: dict[str, m.ResultMessage] = {}
-        # Every Celery id this dispatcher published or adopted: a reply for any other id was
-        # not asked for (forged, or another run's), and is dropped.
-        self._issued: set[str] = set()
-        # Modules whose tasks a reply may name as dynamic dependencies (the dispatcher imports
-        # them): those of the tasks this run sends, their packages, and the task_modules setting.
-        self._modules: set[str] = set(settings.task_modules)
-        # Tasks waiting on purpose (a rate slot, a retry) by Luigi task id, and the thread
-        # that publishes rate-limited tasks when their slot is due.
-        self._waits = Waits()
+        # Modules whose tasks a reply may name as dynamic dependencies (the dispatcher imports them).
+        self._modules = RunModules(settings.task_modules)
+        # publishes rate-limited tasks when their slot is due
         self._pacer = Pacer(self._send_when_due)
         # Called (from the watcher thread) when a task starts waiting: the dispatcher's
         # loop may then send another task. The Luigi worker sets it.
@@ -136,31 +80,25 @@ class Sender:
         self._watcher = ResultWatcher(
             app, self.reply_to, self._on_reply, self._tick, on_lost=self.fail_all, tolerance=settings.outage_tolerance
         )
-        self._retry_policy = publish_retry_policy(settings.outage_tolerance)
-        # Celery's task-sent events (for Flower), sent in batches by a thread of their own.
-        self._sent_events = SentEvents(app) if app.conf.task_send_sent_event else None
-        # Luigi's thread publishes through this producer, in batches (None: not yet, or not batching).
-        self._producer: Any = None
-        self._batching = True
-        self._batch: Any = None
-        self._batched: list[tuple[Tracked, str]] = []
+        self._publisher = Publisher(
+            app, settings, sent=lambda tracked: tell_published(self._hooks, tracked), failed=self._fail_tracked,
+            wanted=self.ledger.is_current,
+        )  # fmt: skip
+        self._claim = RunClaim(store, self.run_id, settings.lock_ttl, lambda: self._monitor.settle()) if store else None
         self._monitor = Monitor(
             self.run_id,
             store,
-            self.snapshot,
+            self.ledger.snapshot,
             self.republish,
             self._fail_tracked,
             self._consumed_queues,
             queue_timeout=None if settings.embedded else settings.queue_timeout,
-            on_check=self._refresh_claim,
+            on_check=self._claim.refresh if self._claim is not None else lambda: None,
             lease=settings.lock_ttl,
         )
-        # who holds this run's claim when it is not this dispatcher (None: it is)
-        self._claim_holder: str | None = None
         # The dispatcher's Luigi [worker] settings that travel with each task.
         self.check_unfulfilled_deps = True
         self.check_complete_on_run = False
-        self._metrics = metrics
         # the queues this run has sent to: their depth is exported with the metrics
         self.queues_used = {settings.queue}
         if metrics is not None:
@@ -178,31 +116,16 @@ class Sender:
         except Exception as e:
             url = self.app.conf.broker_url
             raise BrokerUnavailable(f"cannot reach the broker at {redact(url)}: {scrub(str(e), urls=[url])}") from e
-        if self.store is not None:
-            self._claim_run()
+        if self._claim is not None:
+            adoptable = self.ledger.adoptable(self._claim.take())
+            if adoptable:
+                logger.info("run %s: %d task(s) were started by an earlier dispatcher", self.run_id, adoptable)
         self._pacer.start()
-        if self._sent_events is not None:
-            self._sent_events.start()
+        self._publisher.start()
         self._watcher.start()
         if not self._watcher.ready.wait(self.settings.connect_timeout):
             raise BrokerUnavailable(f"cannot consume replies from {redact(self.app.conf.broker_url)}")
         self._monitor.start()
-
-    def _claim_run(self) -> None:
-        """Become this run's only dispatcher, and find what an earlier one left in flight."""
-        assert self.store is not None
-        holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
-        if holder is not None and died_here(holder):
-            self.store.release_run(self.run_id, holder)  # its dispatcher was killed: take over
-            holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
-        if holder is not None:
-            raise RunAlreadyActive(f"this pipeline is already being run by {holder} (run {self.run_id})")
-        for celery_id in self.store.started(self.run_id):
-            parsed = m.parse_celery_id(celery_id)
-            if parsed is not None:
-                self._adoptable.setdefault(parsed[0], []).append(celery_id)
-        if self._adoptable:
-            logger.info("run %s: %d task(s) were started by an earlier dispatcher", self.run_id, len(self._adoptable))
 
     def close(self) -> None:
         # No join: nothing is left to consume, and kombu's Redis transport only lets
@@ -211,38 +134,16 @@ class Sender:
         self._watcher.stop()
         self._monitor.stop()
         self._pacer.stop()
-        # A batch left here was never published: the run was cut short, and Luigi has given up on its tasks.
-        self._drop_batch()
-        if self._producer is not None:
-            self._producer.release()
+        self._publisher.close()
         self._revoke_marked()
-        if self._sent_events is not None:
-            self._sent_events.close()
-        if self.store is not None:
-            # Not for long: the store may be what failed the run. Left undone, the claim
-            # expires by itself, and a later run re-checks the tasks it would adopt.
-            closing = threading.Thread(target=self._close_in_store, name="luigi-celery-close", daemon=True)
-            closing.start()
-            closing.join(STORE_CLOSE_TIMEOUT)
-            if closing.is_alive():
-                logger.warning("the coordination store did not answer; run %s was not closed in it", self.run_id)
+        if self._claim is not None:
+            self._claim.close(self.session)
         try:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
                 reply_queue(self.reply_to)(conn.default_channel).delete()
         except Exception as e:
             logger.debug("could not delete reply queue %s: %s", self.reply_to, e)
-
-    def _close_in_store(self) -> None:
-        assert self.store is not None
-        try:
-            # Whatever this dispatcher sent that is still queued (a Ctrl-C, a task failed for
-            # want of a worker) is dropped by the worker that receives it, even much later.
-            self.store.end_session(self.session)
-            self.store.forget_run(self.run_id)  # the run is over: nothing to adopt
-            self.store.release_run(self.run_id, self._owner)
-        except Exception as e:
-            logger.warning("could not close run %s in the store: %s", self.run_id, e)
 
     def add_health_check(self, check: Callable[[], str | None]) -> None:
         """``check`` returns None while all is well, or why the run cannot go on."""
@@ -257,80 +158,36 @@ class Sender:
             self._fail(flight, self._broken)
             return
         try:
-            params = m.check_dispatchable(task)
-            options = task_options(type(task))
+            tracked = track(
+                flight, self.settings.queue, run_id=self.run_id, reply_to=self.reply_to, session=self.session,
+                check_unfulfilled_deps=self.check_unfulfilled_deps, check_complete_on_run=self.check_complete_on_run,
+            )  # fmt: skip
         except (DispatchRefused, ConfigError) as e:
             self._fail(flight, f"luigi-celery refused to dispatch {task.task_id}: {e}")
             return
-        msg = m.TaskMessage(
-            task_id=task.task_id,
-            module=task.task_module,
-            family=task.task_family,
-            params=params,
-            attempt=1,
-            run_id=self.run_id,
-            reply_to=self.reply_to,
-            check_unfulfilled_deps=self.check_unfulfilled_deps,
-            check_complete_on_run=self.check_complete_on_run,
-            worker_timeout=flight.worker_timeout or None,
-            session=self.session,
-        )
-        self._allow_module(task.task_module)
-        publish_options: dict[str, Any] = {"queue": options.queue or self.settings.queue, "priority": options.priority}
-        if msg.worker_timeout:
-            publish_options["soft_time_limit"] = msg.worker_timeout
-            publish_options["time_limit"] = msg.worker_timeout + HARD_TIME_LIMIT_GRACE
-        tracked = Tracked(flight, msg, publish_options["queue"], publish_options)
+        self._modules.add(task.task_module)
         self.queues_used.add(tracked.queue)
         if self._adopt(tracked):
             return
-        if options.rate is None:
-            self._publish(tracked, batched=True)
-            return
-        # Reserve the start's slot before publishing, and publish when it is due: workers get
-        # rate-limited tasks spread out, not in a burst. The slot travels with the task; a
-        # worker it reaches late (a busy pool, a slow broker) takes a new one.
         try:
-            wait, slot = self._limiter.reserve(options.rate_key, options.rate)
+            hold = hold_for(self._hooks, tracked)
         except LuigiCeleryError as e:
-            self._fail(flight, f"could not reserve a rate-limit slot for {task.task_id}: {e}")
+            self._fail(flight, str(e))
             return
-        if self._limiter_shared:
-            tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
-        elif not self._warned_unshared:
-            self._warned_unshared = True
-            logger.warning(
-                "%s has a rate limit, but no coordination store is configured: this dispatcher paces its "
-                "own tasks only, and workers do not check it (set LUIGI_CELERY_REDIS_URL for a global limit)",
-                task.task_family,
-            )
-        self._publish(tracked, delay=wait)
+        self._publish(tracked, delay=hold, batched=hold <= 0)
 
     def _adopt(self, tracked: Tracked) -> bool:
         """Watch attempts an earlier dispatcher of this run started, instead of sending again.
 
-        Their replies may already have come (kept in ``_early``); if their worker is
-        gone, the monitor sees the lock gone and publishes the task again.
-        Returns False when there is nothing to adopt.
+        Their replies may already have come; if their worker is gone, the monitor sees
+        the lock gone and publishes the task again. False when there is nothing to adopt.
         """
-        with self._lock:
-            celery_ids = self._adoptable.pop(m.task_digest(tracked.msg.task_id), None)
-            if not celery_ids:
-                return False
-            parsed = sorted((m.parse_celery_id(cid), cid) for cid in celery_ids)  # (all parse: see _claim_run)
-            attempts = [cid for _, cid in parsed]
-            last = parsed[-1][0]
-            assert last is not None
-            self._attempts[tracked.msg.task_id] = last.attempt
-            tracked.msg = dataclasses.replace(tracked.msg, attempt=last.attempt, token=last.token)
-            tracked.celery_ids.extend(attempts)
-            self._issued.update(attempts)
-            tracked.started = True
-            early = next((self._early.pop(cid) for cid in attempts if cid in self._early), None)
-            if early is None:
-                for cid in attempts:
-                    self._in_flight[cid] = tracked
-        logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id, last.attempt)
+        adopted = self.ledger.adopt(tracked)
+        if adopted is None:
+            return False
+        attempts, early = adopted
+        logger.info("adopted %s (attempt %d) from an earlier dispatcher of this run", tracked.msg.task_id,
+                    tracked.msg.attempt)  # fmt: skip
         if early is not None:
             tracked.flight.on_result(early)  # it finished while no dispatcher watched
         else:  # a worker has it: running, not queued
@@ -339,9 +196,8 @@ class Sender:
 
     def republish(self, tracked: Tracked) -> None:
         """Publish ``tracked`` again under a new attempt (its worker died)."""
-        with self._lock:
-            if tracked.msg.celery_id not in self._in_flight:
-                return  # its reply arrived meanwhile
+        if not self.ledger.in_flight(tracked):
+            return  # its reply arrived meanwhile
         tracked.started, tracked.lock_gone_since, tracked.waiting_since = False, None, time.monotonic()
         tracked.hold_until = 0.0
         self._publish(tracked)
@@ -350,131 +206,30 @@ class Sender:
         """Publish a new attempt of ``tracked``, now or ``delay`` seconds from now (its rate slot).
 
         ``batched`` (Luigi's thread only): in the batch :meth:`flush` sends."""
-        task_id = tracked.msg.task_id
-        with self._lock:
-            self._attempts[task_id] += 1
-            tracked.msg = dataclasses.replace(tracked.msg, attempt=self._attempts[task_id], token=m.new_token())
-            celery_id = tracked.msg.celery_id
-            tracked.celery_ids.append(celery_id)
-            self._issued.add(celery_id)
-            # Registered before publishing: a fast worker can reply before publish() returns.
-            self._in_flight[celery_id] = tracked
+        celery_id = self.ledger.new_attempt(tracked)
         if delay > 0:
             due = time.monotonic() + delay
             tracked.waiting_since = due
-            with self._lock:
-                self._waits.set(task_id, due)
+            self.ledger.wait(tracked.msg.task_id, due)
             self._pacer.at(due, (tracked, celery_id))
             return
-        self._send(tracked, celery_id, batched)
+        self._publisher.send(tracked, celery_id, batched)
 
     def _send_when_due(self, item: tuple[Tracked, str]) -> None:
         tracked, celery_id = item
-        with self._lock:
-            wanted = self._in_flight.get(celery_id) is tracked  # not revoked or failed meanwhile
-        if wanted:
-            self._send(tracked, celery_id)
-
-    def _send(self, tracked: Tracked, celery_id: str, batched: bool = False) -> None:
-        task_id = tracked.msg.task_id
-        tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
-        kwargs = {"message": m.sign(tracked.msg.to_dict(), self.settings.secret)}
-        producer = self._batch_producer() if batched else None
-        try:
-            self.app.send_task(
-                m.TASK_NAME,
-                kwargs=kwargs,
-                # what Flower shows; Celery's own saferepr of it cost more than the publish
-                argsrepr="()",
-                kwargsrepr=repr(kwargs)[:KWARGSREPR_MAX],
-                task_id=celery_id,
-                shadow=task_id,
-                ignore_result=self.settings.result_backend is None,
-                retry=True,
-                retry_policy=self._retry_policy,
-                event_dispatcher=self._sent_events,
-                producer=producer,
-                **tracked.publish_options,
-            )
-        except Exception as e:
-            if producer is not None:  # the batch broke (the broker went away): one by one, with retries
-                self._resend(self._drop_batch(), e)
-                self._send(tracked, celery_id)
-                return
-            url = self.app.conf.broker_url
-            self._fail_tracked(tracked, f"could not publish {task_id} to {redact(url)}: {scrub(str(e), urls=[url])}")
-            return
-        logger.debug("sent %s as %s", task_id, celery_id)
-        if self._metrics is not None:
-            with hook("a dispatch"):
-                self._metrics.dispatched.labels(**labels(tracked.msg.family, tracked.queue)).inc()
-        if producer is not None:
-            self._batched.append((tracked, celery_id))
-            if len(self._batched) >= PUBLISH_BATCH:
-                self.flush()
-
-    # --- batches (Luigi's thread) --------------------------------------------
-
-    def _batch_producer(self) -> Any:
-        """The producer with a batch open, or None where the broker cannot batch."""
-        if not self._batching:
-            return None
-        if self._producer is None:
-            producer = self.app.producer_pool.acquire(block=True)
-            if not producer.supports_batch_publish:
-                producer.release()
-                self._batching = False
-                return None
-            self._producer = producer
-        if self._batch is None:
-            self._batch = self._producer.batch(max_size=10 * PUBLISH_BATCH)  # flushed by us, before kombu would
-            self._batch.__enter__()
-        return self._producer
+        if self.ledger.is_current(tracked, celery_id):  # not revoked or failed meanwhile
+            self._publisher.send(tracked, celery_id)
 
     def flush(self) -> None:
         """Publish what Luigi's loop has sent since the last flush; it calls this before it waits."""
-        batch, pending = self._take_batch()
-        if batch is None:
-            return
-        try:
-            batch.__exit__(None, None, None)
-        except Exception as e:
-            self._resend(pending, e)
-
-    def _take_batch(self) -> tuple[Any, list[tuple[Tracked, str]]]:
-        batch, pending = self._batch, self._batched
-        self._batch, self._batched = None, []
-        return batch, pending
-
-    def _drop_batch(self) -> list[tuple[Tracked, str]]:
-        """Close the open batch without publishing it (kombu discards what it holds); return its tasks."""
-        batch, pending = self._take_batch()
-        if batch is not None:
-            with contextlib.suppress(Exception):
-                batch.__exit__(RuntimeError, RuntimeError("dropped"), None)
-        return pending
-
-    def _resend(self, pending: list[tuple[Tracked, str]], because: BaseException) -> None:
-        """Send again, one by one, the tasks of a batch that may not have reached the broker (a
-        duplicate of one that did go out runs once: the worker's run lock and start marks know its
-        Celery id)."""
-        if self._producer is not None:  # its connection may be the broken one: start afresh
-            self._producer.release()
-            self._producer = None
-        if pending:
-            logger.warning("a batch of %d task(s) may not have reached the broker (%s): sending each again",
-                           len(pending), because)  # fmt: skip
-            for item in pending:
-                self._send_when_due(item)
+        self._publisher.flush()
 
     def revoke(self, flight: Flight) -> None:
         """Mark ``flight`` to be revoked; :meth:`close` revokes all of them in one broadcast."""
-        with self._lock:
-            tracked = next((t for t in self._in_flight.values() if t.flight is flight), None)
-            if tracked is not None:
-                self._forget(tracked)
-                self.revoked.append(tracked.msg.task_id)
-                self._to_revoke.extend(tracked.celery_ids)
+        tracked = self.ledger.take_flight(flight)
+        if tracked is not None:
+            self.revoked.append(tracked.msg.task_id)
+            self._to_revoke.extend(tracked.celery_ids)
 
     def _revoke_marked(self) -> None:
         """Stop the marked tasks: not started ones never start, running ones are terminated
@@ -488,32 +243,24 @@ class Sender:
 
     def snapshot(self) -> list[Tracked]:
         """Each task in flight, once."""
-        with self._lock:
-            return list({id(t): t for t in self._in_flight.values()}.values())
+        return self.ledger.snapshot()
 
     def in_flight(self) -> int:
-        return len(self.snapshot())
+        return len(self.ledger.snapshot())
 
     def waiting(self) -> int:
         """How many tasks in flight wait on purpose right now (a rate slot, a retry's backoff)."""
-        with self._lock:
-            return self._waits.count(time.monotonic())
+        return self.ledger.waiting()
 
     def fail_all(self, reason: str) -> None:
         """Fail every task in flight (and every later send) with ``reason``."""
         self._broken = reason
-        in_flight = self.snapshot()
+        in_flight = self.ledger.snapshot()
         logger.error("failing %d task(s) in flight: %s", len(in_flight), reason)
         for tracked in in_flight:
             self._fail_tracked(tracked, reason, quiet=True)
 
     # --- replies (watcher thread) --------------------------------------------
-
-    def _allow_module(self, module: str) -> None:
-        if module not in self._modules:
-            with self._lock:
-                # (dynamic dependencies often come from a sibling module: the package is allowed too)
-                self._modules.update(name for name in (module, module.rpartition(".")[0]) if name)
 
     def _on_reply(self, data: object) -> None:
         try:
@@ -522,51 +269,27 @@ class Sender:
         except MessageError as e:
             logger.error("dropped an invalid reply on %s: %s", self.reply_to, e)
             return
-        if reply.celery_id not in self._issued and not self._adoptable_id(reply.celery_id):
+        if isinstance(reply, m.ResultMessage) and reply.new_deps:
+            reply = self._modules.check(reply)
+        route, tracked = self.ledger.route(reply)
+        if route is Route.FORGED:
             # Anyone on the broker can publish here; only an attempt's own token answers it.
             logger.warning("dropped a reply for %s, an attempt this run did not send", reply.celery_id[:200])
-            return
-        if isinstance(reply, m.ResultMessage) and reply.new_deps:
-            reply = self._check_new_deps(reply)
-        with self._lock:
-            tracked = self._in_flight.get(reply.celery_id)
-            if tracked is not None and isinstance(reply, m.ResultMessage):
-                self._forget(tracked)
-            elif tracked is not None and isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
-                self._waits.set(tracked.msg.task_id, time.monotonic() + float(reply.value))
-            elif tracked is None and isinstance(reply, m.ResultMessage) and self._adoptable_id(reply.celery_id):
-                self._early[reply.celery_id] = reply  # an earlier dispatcher's work, not asked for yet
-                return
-        if tracked is None:
-            logger.debug("reply for %s, which is not in flight (stale or duplicate)", reply.celery_id)
-        elif isinstance(reply, m.StatusMessage) and reply.field == "retry_in":
+        elif tracked is None:
+            logger.debug("reply for %s: %s", reply.celery_id, route.value)
+        elif route is Route.HOLD:
+            assert isinstance(reply, m.StatusMessage)
             # Not lost while it waits, nor until its worker had a heartbeat's time to take it up.
             tracked.hold_until = time.monotonic() + float(reply.value) + self.settings.lock_ttl
             tracked.flight.on_status(reply)
             self.wake()
-        elif isinstance(reply, m.ResultMessage):
-            self._count_answer(tracked.msg.family, tracked.queue, reply.status)
+        elif route is Route.RESULT:
+            assert isinstance(reply, m.ResultMessage)
+            tell_answered(self._hooks, tracked.msg.family, tracked.queue, reply.status)
             tracked.flight.on_result(reply)
         else:
+            assert isinstance(reply, m.StatusMessage)
             tracked.flight.on_status(reply)
-
-    def _check_new_deps(self, reply: m.ResultMessage) -> m.ResultMessage:
-        """``reply``, or a FAILED one when it names a dynamic dependency from a module this
-        run does not use: the dispatcher would import that module to build the task."""
-        with self._lock:
-            refused = sorted({mod for mod, _, _ in reply.new_deps if not m.module_allowed(mod, self._modules)})
-        if not refused:
-            return reply
-        expl = (
-            f"{reply.task_id}: refused its dynamic dependencies from module(s) {', '.join(map(repr, refused))}: "
-            f"not a module (or package) of this run's tasks nor in task_modules (LUIGI_CELERY_TASK_MODULES)"
-        )
-        logger.error("%s", expl)
-        return dataclasses.replace(reply, status=m.FAILED, expl=expl, new_deps=[], missing=[])
-
-    def _adoptable_id(self, celery_id: str) -> bool:
-        parsed = m.parse_celery_id(celery_id)
-        return parsed is not None and celery_id in self._adoptable.get(parsed[0], ())
 
     def _tick(self) -> None:
         for check in self._health_checks:
@@ -574,26 +297,12 @@ class Sender:
             if problem:
                 self.fail_all(problem)
 
-    def _forget(self, tracked: Tracked) -> None:
-        """Drop every attempt of ``tracked``; the caller holds the lock."""
-        for cid in tracked.celery_ids:
-            self._in_flight.pop(cid, None)
-        self._waits.drop(tracked.msg.task_id)
-
     def _fail_tracked(self, tracked: Tracked, expl: str, quiet: bool = False) -> None:
-        with self._lock:
-            if tracked.msg.celery_id not in self._in_flight:
-                return  # already answered
-            self._forget(tracked)
-        self._fail(tracked.flight, expl, quiet, tracked.queue)
-
-    def _count_answer(self, family: str, queue: str, status: str) -> None:
-        if self._metrics is not None:
-            with hook("an answer"):
-                self._metrics.completed.labels(**labels(family, queue), status=status).inc()
+        if self.ledger.take(tracked):  # (not answered already)
+            self._fail(tracked.flight, expl, quiet, tracked.queue)
 
     def _fail(self, flight: Flight, expl: str, quiet: bool = False, queue: str | None = None) -> None:
-        self._count_answer(flight.task.task_family, queue or self.settings.queue, m.FAILED)
+        tell_answered(self._hooks, flight.task.task_family, queue or self.settings.queue, m.FAILED)
         if not quiet:
             logger.error("%s", expl)
         flight.on_result(
@@ -601,25 +310,6 @@ class Sender:
                 celery_id="", task_id=flight.task.task_id, status=m.FAILED, expl=expl, host=socket.gethostname()
             )
         )
-
-    def _refresh_claim(self) -> None:
-        """Keep this run's claim alive; take it again when the store has lost it.
-
-        A claim that vanished tells that the store lost its data (or was away longer
-        than the claim's TTL): the workers' run locks went with it, and the monitor
-        waits for them to be taken again before calling any task lost.
-        """
-        if self.store is None or self.store.refresh_run(self.run_id, self._owner, self.settings.lock_ttl):
-            self._claim_holder = None
-            return
-        holder = self.store.claim_run(self.run_id, self._owner, self.settings.lock_ttl)
-        if holder is None:
-            logger.warning("took the claim on run %s again: it had vanished from the coordination store", self.run_id)
-        elif holder != self._claim_holder:
-            logger.error("lost the claim on run %s to %s: another dispatcher runs it too", self.run_id, holder)
-        if self._claim_holder is None:  # it was ours until now
-            self._monitor.settle()
-        self._claim_holder = holder
 
     def _consumed_queues(self) -> set[str] | None:
         """The queues some worker consumes right now, or None if the workers could not be asked."""

@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from luigi.task_register import TaskClassException
 
 from luigi_celery import message as m
+from luigi_celery.allowlist import module_allowed
 from luigi_celery.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _as_text(expl: Any) -> str:
 
 def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.ResultMessage:
     """The Luigi task ``msg`` names, or a FAILED result saying why it cannot be had here."""
-    if not m.module_allowed(msg.module, allowed):
+    if not module_allowed(msg.module, allowed):
         logger.warning("refused %s: module %r is not in the allowlist", msg.celery_id, msg.module)
         return failed_result(
             msg,

@@ -17,7 +17,7 @@ import luigi
 import pytest
 
 from luigi_celery import message as m
-from luigi_celery.message import module_allowed
+from luigi_celery.allowlist import module_allowed
 from luigi_celery.taskprocess import run_task_message
 from tests import unit_tasks
 

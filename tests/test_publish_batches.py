@@ -22,7 +22,7 @@ def _sender(broker: str):
     settings = Settings(broker_url=broker, queue=f"batches-{uuid.uuid4().hex[:8]}")
     made = Sender(make_app(settings), settings)
     yield made
-    made._drop_batch()
+    made._publisher._drop_batch()
     with made.app.connection_for_write() as conn:
         kombu.Queue(settings.queue)(conn.default_channel).delete()
 
@@ -91,7 +91,7 @@ def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sende
     sender = redis_sender  # only Redis batches publishes
     # Given three tasks in a batch whose pipeline then fails
     _send(sender, 3)
-    batch = sender._batch
+    batch = sender._publisher._batch
     real_exit = batch.__exit__
 
     def refuse(*exc):
@@ -103,4 +103,4 @@ def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sende
     sender.flush()
     # Then each of the three went out again, on its own
     assert _waiting(sender, 3) == 3
-    assert sender._batch is None and sender._batched == []
+    assert sender._publisher._batch is None and sender._publisher._batched == []

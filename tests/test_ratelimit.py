@@ -153,7 +153,7 @@ def test_reservations_hand_out_consecutive_slots(limiter, key):
 
 
 def test_a_worker_starts_a_task_on_its_slot_and_gives_a_late_one_a_new_slot():
-    from luigi_celery.execute import _rate_gate
+    from luigi_celery.ratelimit import gate as _rate_gate
 
     now = [100.0]
     limiter = MemoryLimiter(clock=lambda: now[0])

@@ -55,18 +55,19 @@ def sender() -> Sender:
 
 
 def _metric(sender: Sender, name: str, **labels: str) -> float:
-    value = sender._metrics.registry.get_sample_value(name, labels)  # type: ignore[union-attr]
+    (metrics,) = [hook for hook in sender._hooks if isinstance(hook, DispatcherMetrics)]
+    value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
 def _status(flight: Flight, sender: Sender, field: str, value: object) -> None:
-    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+    (celery_id,) = [cid for cid, t in sender.ledger._in_flight.items() if t.flight is flight]
     update = m.StatusMessage(celery_id=celery_id, task_id=flight.task.task_id, field=field, value=value)
     sender._on_reply(update.to_dict())
 
 
 def test_a_slot_that_cannot_be_reserved_fails_the_task_with_the_reason(sender: Sender) -> None:
-    sender._limiter = Unreachable()  # type: ignore[assignment]
+    sender._hooks[0]._limiter = Unreachable()  # type: ignore[attr-defined]
     flight = Flight(Limited(out="/tmp", n=1))
     sender.send(flight)
     (result,) = flight.results
@@ -91,7 +92,7 @@ def test_tasks_waiting_for_their_slot_or_a_retry_are_counted_as_waiting(sender: 
     assert sender.waiting() == 4 and woken.is_set()
     # and once an answer comes for a waiting task, it no longer counts
     _status(limited[1], sender, "retry_in", 30.0)
-    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is limited[1]]
+    (celery_id,) = [cid for cid, t in sender.ledger._in_flight.items() if t.flight is limited[1]]
     sender._on_reply(m.ResultMessage(celery_id=celery_id, task_id=limited[1].task.task_id, status=m.DONE).to_dict())
     assert sender.waiting() == 3 and sender.in_flight() == 4
 
@@ -149,7 +150,7 @@ def test_the_dispatcher_counts_what_it_sends_and_every_answer(sender: Sender) ->
     assert _metric(sender, "luigi_celery_in_flight") == 2
     # When one answer is DONE and one FAILED
     for flight, status in zip(flights, (m.DONE, m.FAILED), strict=True):
-        (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+        (celery_id,) = [cid for cid, t in sender.ledger._in_flight.items() if t.flight is flight]
         sender._on_reply(m.ResultMessage(celery_id=celery_id, task_id=flight.task.task_id, status=status).to_dict())
     # Then each is counted once by status, the refusal as a failure, and nothing is in flight
     assert _metric(sender, "luigi_celery_completed_total", family="Unlimited", queue=queue, status="DONE") == 1
@@ -160,7 +161,7 @@ def test_the_dispatcher_counts_what_it_sends_and_every_answer(sender: Sender) ->
 
 
 def _result(flight: Flight, sender: Sender, **fields: object) -> dict:
-    (celery_id,) = [cid for cid, t in sender._in_flight.items() if t.flight is flight]
+    (celery_id,) = [cid for cid, t in sender.ledger._in_flight.items() if t.flight is flight]
     reply = m.ResultMessage(celery_id=celery_id, task_id=flight.task.task_id, status=m.DONE)
     return {**reply.to_dict(), **fields}
 
@@ -169,7 +170,7 @@ def test_a_reply_counts_only_for_an_attempt_this_run_sent(sender: Sender, caplog
     # Given a task in flight
     flight = Flight(Unlimited(out="/tmp", n=1))
     sender.send(flight)
-    sent = sender._in_flight[next(iter(sender._in_flight))].msg
+    sent = sender.ledger._in_flight[next(iter(sender.ledger._in_flight))].msg
     # When replies come for its task under ids this run did not send: the id without a
     # token (as before tokens), the right attempt with a guessed token, another attempt
     forged = [
@@ -231,7 +232,7 @@ def _claimed_run(store: MemoryStore) -> Sender:
     """A sender holding its run's claim in ``store``, as after start()."""
     settings = Settings(broker_url=UNREACHABLE, lock_ttl=5.0)
     made = Sender(make_app(settings), settings, store=store)
-    assert store.claim_run(made.run_id, made._owner, settings.lock_ttl) is None
+    assert store.claim_run(made.run_id, made._claim.owner, settings.lock_ttl) is None
     return made
 
 
@@ -240,15 +241,15 @@ def test_a_run_claim_the_store_lost_is_taken_again_and_the_monitor_waits(caplog)
     store = MemoryStore()
     sender = _claimed_run(store)
     # When the store loses it (restarted empty, flushed) and the monitor's check refreshes it
-    store.release_run(sender.run_id, sender._owner)
-    sender._refresh_claim()
+    store.release_run(sender.run_id, sender._claim.owner)
+    sender._claim.refresh()
     # Then the claim is this dispatcher's again, and the monitor calls nothing lost for a while
-    assert store.claim_run(sender.run_id, "another dispatcher", 5.0) == sender._owner
+    assert store.claim_run(sender.run_id, "another dispatcher", 5.0) == sender._claim.owner
     assert sender._monitor._settle_until > time.monotonic() + 5.0
     assert f"took the claim on run {sender.run_id} again" in caplog.text
     # and the next refresh finds it alive, saying nothing more
     caplog.clear()
-    sender._refresh_claim()
+    sender._claim.refresh()
     assert caplog.text == ""
 
 
@@ -256,11 +257,11 @@ def test_a_run_claim_another_dispatcher_took_is_left_to_it_and_said_once(caplog)
     # Given a dispatcher whose claim the store lost, and another dispatcher that took it
     store = MemoryStore()
     sender = _claimed_run(store)
-    store.release_run(sender.run_id, sender._owner)
+    store.release_run(sender.run_id, sender._claim.owner)
     store.claim_run(sender.run_id, "another dispatcher", 5.0)
     # When the monitor's checks refresh it, twice
-    sender._refresh_claim()
-    sender._refresh_claim()
+    sender._claim.refresh()
+    sender._claim.refresh()
     # Then the claim stays the other's, and the error is logged once
     assert store.claim_run(sender.run_id, "a third", 5.0) == "another dispatcher"
     assert caplog.text.count(f"lost the claim on run {sender.run_id} to another dispatcher") == 1
