@@ -7,7 +7,8 @@ This is the only module of the dispatcher that touches Luigi's private API
 ``interface._WorkerSchedulerFactory``,
 ``interface._run`` and ``execution_summary._summary_dict/_root_task``.
 ``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
-:class:`CeleryTaskProcess`, so a Luigi upgrade fails there, loudly.
+the process-like :class:`~luigi_celery.process.CeleryTaskProcess` this worker
+hands it, so a Luigi upgrade fails there, loudly.
 
 Luigi keeps doing everything else: resolving the DAG, asking its scheduler
 for work, keeping ``--workers`` tasks in flight, handling results, dynamic
@@ -20,10 +21,8 @@ WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import queue
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +38,7 @@ from luigi.setup_logging import InterfaceLogging
 
 from luigi_celery import message as m
 from luigi_celery.errors import LuigiCeleryError
+from luigi_celery.process import CeleryTaskProcess
 from luigi_celery.progress import ProgressView
 from luigi_celery.scheduler import FastScheduler
 from luigi_celery.sender import Sender
@@ -56,133 +56,6 @@ RETCODE_DEFAULTS = {
     "scheduling_error": 35,
     "unhandled_exception": 40,
 }
-
-# status field of a reply -> the method of Luigi's TaskStatusReporter that applies it
-_REPORTER_METHODS = {
-    "status_message": "update_status_message",
-    "progress_percentage": "update_progress_percentage",
-    "tracking_url": "update_tracking_url",
-    "decrease_running_resources": "decrease_running_resources",
-}
-
-
-class ResultQueue:
-    """Stands in for the worker's ``_task_result_queue``.
-
-    The watcher thread puts Luigi's result tuples here, and also callables
-    (status updates, events) that must run in Luigi's main thread: ``get()``
-    runs those as it meets them, so the scheduler is only ever called from
-    the thread Luigi calls it from.  :meth:`wake` makes a waiting ``get()``
-    give up at once, as if it had timed out, so Luigi's loop looks again at
-    how many tasks it may send.
-    """
-
-    _WAKE = object()
-
-    def __init__(self) -> None:
-        self._items: queue.Queue[Any] = queue.Queue()
-        # Called when get() is about to wait: the sender publishes the batch Luigi's loop built up.
-        self.before_wait: Callable[[], None] = lambda: None
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        self._items.put(item)
-
-    def call_soon(self, fn: Callable[[], Any]) -> None:
-        self._items.put(fn)
-
-    def wake(self) -> None:
-        self._items.put(self._WAKE)
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                item = self._items.get_nowait()
-            except queue.Empty:
-                if not block:
-                    raise
-                self.before_wait()
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                item = self._items.get(timeout=remaining)
-            if item is self._WAKE:
-                raise queue.Empty  # Luigi's worker treats it as a timeout and returns to its loop
-            if not callable(item):
-                return item
-            try:
-                item()
-            except Exception:
-                logger.exception("a status update failed")
-
-    def close(self) -> None:
-        """Luigi's Worker.__exit__ closes the queue; there is nothing to release."""
-
-
-class CeleryTaskProcess:
-    """What Luigi thinks is the process running one task: really one Celery message.
-
-    ``run()`` (Luigi calls it in its main loop, since ``use_multiprocessing``
-    is False) publishes and returns at once; the outcome arrives later on the
-    result queue, put there by the watcher thread.
-    """
-
-    use_multiprocessing = False
-    # Celery enforces worker_timeout (soft + hard time limit) on the worker, so
-    # Luigi's own timer stays off: time spent queued must not count.
-    timeout_time = None
-
-    def __init__(
-        self,
-        task: luigi.Task,
-        sender: Sender,
-        results: ResultQueue,
-        status_reporter: luigi.worker.TaskStatusReporter,
-        worker_timeout: float | None,
-        on_failed: Callable[[str, m.ResultMessage], None],
-        on_running: Callable[[str, bool], None] = lambda task_id, running: None,
-    ) -> None:
-        self.task = task
-        self.status_reporter = status_reporter
-        self.worker_timeout = worker_timeout
-        self._sender = sender
-        self._results = results
-        self._on_failed = on_failed
-        self._on_running = on_running
-        self._finished = False
-
-    @property
-    def exitcode(self) -> int | None:
-        # Failures arrive as result tuples, never as an exit code, so Luigi's
-        # "died unexpectedly" path never fires twice for one task.
-        return None
-
-    def run(self) -> None:
-        self._sender.send(self)
-
-    start = run
-
-    def is_alive(self) -> bool:
-        return not self._finished
-
-    def terminate(self) -> None:
-        self._sender.revoke(self)
-
-    # Flight callbacks: called from the watcher thread (or from run() on a refusal).
-
-    def on_result(self, result: m.ResultMessage) -> None:
-        self._finished = True
-        if result.status == m.FAILED:
-            self._on_failed(self.task.task_id, result)
-        if result.event == "timeout":
-            self._results.call_soon(functools.partial(self.task.trigger_event, Event.TIMEOUT, self.task, result.expl))
-        self._results.put(result.luigi_tuple())
-
-    def on_status(self, status: m.StatusMessage) -> None:
-        if status.field in ("started", "retry_in"):  # a worker runs it now / it waits in a queue again
-            self._on_running(self.task.task_id, status.field == "started")
-            return
-        apply = getattr(self.status_reporter, _REPORTER_METHODS[status.field])
-        self._results.call_soon(functools.partial(apply, status.value))
-
 
 class CeleryWorker(luigi.worker.Worker):
     """A Luigi worker that dispatches every task it is given to Celery.
@@ -214,12 +87,8 @@ class CeleryWorker(luigi.worker.Worker):
         self._progress = progress  # before Luigi's __init__, which may report tasks
         super().__init__(scheduler, worker_id, worker_processes, assistant, **kwargs)
         self._task_result_queue.close()  # the multiprocessing queue Luigi made: not needed
-        self._task_result_queue = ResultQueue()
-        sender.wake = self._task_result_queue.wake
-        self._task_result_queue.before_wait = sender.flush
+        self._task_result_queue = sender.results
         self._on_start = on_start
-        sender.check_unfulfilled_deps = self._config.check_unfulfilled_deps
-        sender.check_complete_on_run = self._config.check_complete_on_run
         # task id -> the last failed result, for the CLI to print after the summary
         self.failures: dict[str, m.ResultMessage] = {}
 
@@ -292,7 +161,7 @@ class CeleryWorker(luigi.worker.Worker):
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
         return CeleryTaskProcess(
             task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure,
-            self._running,
+            self._running, self._config.check_unfulfilled_deps, self._config.check_complete_on_run,
         )  # fmt: skip
 
     def _running(self, task_id: str, running: bool) -> None:

@@ -49,6 +49,9 @@ class Flight(Protocol):
 
     task: luigi.Task
     worker_timeout: float | None
+    # Luigi's [worker] settings as they were when Luigi started the task
+    check_unfulfilled_deps: bool
+    check_complete_on_run: bool
 
     def on_result(self, result: m.ResultMessage) -> None: ...
 

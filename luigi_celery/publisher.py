@@ -38,8 +38,9 @@ PUBLISH_BATCH = 100
 
 
 def track(flight: Flight, default_queue: str, **fields: Any) -> Tracked:
-    """The record of ``flight``'s task on its way: its message (with ``fields``) and how it is
-    published (its queue, priority and time limits).
+    """The record of ``flight``'s task on its way: its message (the run's ``fields``, and the
+    task's: its parameters, its time limit, Luigi's [worker] checks as Luigi started it) and how
+    it is published (its queue, priority and time limits).
 
     Raises :class:`DispatchRefused` for a task a worker could not rebuild, and
     :class:`ConfigError` for bad per-task options."""
@@ -48,7 +49,8 @@ def track(flight: Flight, default_queue: str, **fields: Any) -> Tracked:
     options = task_options(type(task))
     msg = m.TaskMessage(
         task_id=task.task_id, module=task.task_module, family=task.task_family, params=params, attempt=1,
-        worker_timeout=flight.worker_timeout or None, **fields,
+        worker_timeout=flight.worker_timeout or None, check_unfulfilled_deps=flight.check_unfulfilled_deps,
+        check_complete_on_run=flight.check_complete_on_run, **fields,
     )  # fmt: skip
     publish_options: dict[str, Any] = {"queue": options.queue or default_queue, "priority": options.priority}
     if msg.worker_timeout:

@@ -29,6 +29,7 @@ from luigi_celery.ledger import Ledger, Route
 from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.monitor import Flight, Monitor, Tracked
 from luigi_celery.pacing import Pacer, RatePacing
+from luigi_celery.process import ResultQueue
 from luigi_celery.publisher import Publisher, track
 from luigi_celery.publisher import check_broker as check_broker  # (where the CLI and run.py find it)
 from luigi_celery.queues import QueueDepthCollector
@@ -70,9 +71,9 @@ class Sender:
         self._modules = RunModules(settings.task_modules)
         # publishes rate-limited tasks when their slot is due
         self._pacer = Pacer(self._send_when_due)
-        # Called (from the watcher thread) when a task starts waiting: the dispatcher's
-        # loop may then send another task. The Luigi worker sets it.
-        self.wake: Callable[[], None] = lambda: None
+        # Luigi's worker takes its results from here; the sender wakes it when a task starts
+        # waiting (its loop may then send another), and it publishes the batch before it waits.
+        self.results = ResultQueue(before_wait=self.flush)
         # Luigi task ids revoked when the run was interrupted, and their Celery ids.
         self.revoked: list[str] = []
         self._to_revoke: list[str] = []
@@ -96,9 +97,6 @@ class Sender:
             on_check=self._claim.refresh if self._claim is not None else lambda: None,
             lease=settings.lock_ttl,
         )
-        # The dispatcher's Luigi [worker] settings that travel with each task.
-        self.check_unfulfilled_deps = True
-        self.check_complete_on_run = False
         # the queues this run has sent to: their depth is exported with the metrics
         self.queues_used = {settings.queue}
         if metrics is not None:
@@ -158,10 +156,8 @@ class Sender:
             self._fail(flight, self._broken)
             return
         try:
-            tracked = track(
-                flight, self.settings.queue, run_id=self.run_id, reply_to=self.reply_to, session=self.session,
-                check_unfulfilled_deps=self.check_unfulfilled_deps, check_complete_on_run=self.check_complete_on_run,
-            )  # fmt: skip
+            run = {"run_id": self.run_id, "reply_to": self.reply_to, "session": self.session}
+            tracked = track(flight, self.settings.queue, **run)
         except (DispatchRefused, ConfigError) as e:
             self._fail(flight, f"luigi-celery refused to dispatch {task.task_id}: {e}")
             return
@@ -282,7 +278,7 @@ class Sender:
             # Not lost while it waits, nor until its worker had a heartbeat's time to take it up.
             tracked.hold_until = time.monotonic() + float(reply.value) + self.settings.lock_ttl
             tracked.flight.on_status(reply)
-            self.wake()
+            self.results.wake()
         elif route is Route.RESULT:
             assert isinstance(reply, m.ResultMessage)
             tell_answered(self._hooks, tracked.msg.family, tracked.queue, reply.status)

@@ -28,13 +28,8 @@ import pytest
 from luigi.event import Event
 
 from luigi_celery import message as m
-from luigi_celery.dispatch import (
-    CeleryTaskProcess,
-    CeleryWorker,
-    CeleryWorkerSchedulerFactory,
-    ResultQueue,
-    nothing_to_run,
-)
+from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, nothing_to_run
+from luigi_celery.process import CeleryTaskProcess, ResultQueue
 
 # Every attribute Luigi reads from the object _create_task_process returns.
 CONTRACT = {
@@ -198,11 +193,9 @@ class ContractRoot(luigi.WrapperTask):
 class InstantSender:
     """Replies DONE from another thread, like the watcher does, without a broker."""
 
-    check_unfulfilled_deps = True
-    check_complete_on_run = False
-
     def __init__(self):
         self.sent = []
+        self.results = ResultQueue(before_wait=self.flush)
 
     def send(self, flight):
         self.sent.append(flight.task.task_id)

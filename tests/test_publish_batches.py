@@ -11,7 +11,7 @@ import kombu
 import pytest
 
 from luigi_celery.app import make_app
-from luigi_celery.dispatch import ResultQueue
+from luigi_celery.process import ResultQueue
 from luigi_celery.sender import Sender
 from luigi_celery.settings import Settings
 from tests.pipelines import Unlimited
@@ -67,8 +67,7 @@ def test_tasks_sent_between_waits_reach_the_broker_together_when_the_loop_waits(
     redis = sender.app.connection_for_write().transport.driver_type == "redis"
     assert _waiting(sender, 0 if redis else 5) == (0 if redis else 5)
     # and all five are out once the loop waits for a reply
-    results = ResultQueue()
-    results.before_wait = sender.flush
+    results = sender.results
     with pytest.raises(queue.Empty):
         results.get(timeout=0.01)
     assert _waiting(sender, 5) == 5
@@ -76,9 +75,8 @@ def test_tasks_sent_between_waits_reach_the_broker_together_when_the_loop_waits(
 
 
 def test_a_waiting_get_flushes_only_when_it_would_wait() -> None:
-    results = ResultQueue()
     flushed = []
-    results.before_wait = lambda: flushed.append(True)
+    results = ResultQueue(before_wait=lambda: flushed.append(True))
     results.put(("id", "DONE", "", [], []))
     assert results.get(timeout=1)[0] == "id"
     assert flushed == []  # a reply was there: no wait, no flush
