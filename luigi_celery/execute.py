@@ -21,6 +21,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 
 from luigi_celery import message as m
+from luigi_celery import signing
 from luigi_celery.errors import ConfigError, LuigiTaskFailed, MessageError
 from luigi_celery.metrics import Delivery, WorkerMetrics
 from luigi_celery.options import task_options
@@ -95,7 +96,7 @@ class ExecuteTask(Task):
         else:
             result = failed_result(msg, f"luigi-celery failed to run {msg.task_id}: {exc!r}\n{einfo}")
         try:
-            publish_reply(self.app, msg.reply_to, m.sign(result.to_dict(), self.secret))
+            publish_reply(self.app, msg.reply_to, signing.sign(result.to_dict(), self.secret))
         except Exception:
             logger.exception("could not report the failure of %s", msg.task_id)
 
@@ -150,7 +151,7 @@ def register_execute(
     """
 
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
-        publish_reply(app, reply_to, m.sign(payload, secret))
+        publish_reply(app, reply_to, signing.sign(payload, secret))
 
     @app.task(
         name=m.TASK_NAME,
@@ -166,7 +167,7 @@ def register_execute(
     )
     def execute(self: Task, *args: Any, **kwargs: Any) -> str:
         try:
-            m.verify(kwargs.get("message"), secret)
+            signing.verify(kwargs.get("message"), secret)
         except MessageError as e:
             # Whoever sent it does not know the secret: its reply_to is not to be trusted either.
             raise Reject(f"rejected message: {e}", requeue=False) from e
@@ -203,7 +204,7 @@ def register_execute(
                 _hold(publish, msg, wait)
                 delivery.rate_limited(wait)
                 reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
-                held = {"message": m.sign(reserved.to_dict(), secret)}
+                held = {"message": signing.sign(reserved.to_dict(), secret)}
                 raise self.retry(countdown=wait, max_retries=None, kwargs=held)
 
         with run_lock(store, msg, lock_ttl, run_over) as lease:
@@ -241,6 +242,6 @@ def register_execute(
         RemoteStatusReporter(publish, msg).update_status_message(text)
         _hold(publish, msg, delay)
         again = dataclasses.replace(msg, failures=failures, rate_slot=None, sent_at=time.time() + delay)
-        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": m.sign(again.to_dict(), secret)})
+        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": signing.sign(again.to_dict(), secret)})
 
     return execute

@@ -30,6 +30,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu import compression
 
 from luigi_celery import message as m
+from luigi_celery import signing
 from luigi_celery.errors import MessageError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def refusal(message: Any, secret: str | None) -> str | None:
         return f"a message with {', '.join(embedded)} (luigi-celery sends none)"
     kwargs = body[1] if isinstance(body[1], dict) else {}
     try:
-        m.verify(kwargs.get("message"), secret)
+        signing.verify(kwargs.get("message"), secret)
     except MessageError as e:
         return str(e)
     return None

@@ -8,29 +8,21 @@ Anyone who can publish on the broker can publish a message, so a reply counts
 only when it answers an attempt the dispatcher really sent: each attempt
 carries a random ``token``, part of its Celery id, which the worker echoes.
 With a shared secret (``LUIGI_CELERY_SECRET``) every message and reply also
-carries an HMAC of its content, :func:`sign` and :func:`verify`.
+carries an HMAC of its content (signing.py). Whether a task can travel at all
+is dispatchable.py's question.
 
-A task travels as (module, family, str params), the same triple Luigi uses
-for dynamic dependencies, so :func:`check_dispatchable` makes sure a task can
-be rebuilt from that triple on another machine before it is sent.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import json
 import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-import luigi
-from luigi.parameter import ParameterVisibility
-from luigi.task_register import Register, TaskClassException
-
-from luigi_celery.errors import DispatchRefused, MessageError
+from luigi_celery.errors import MessageError
 
 PROTOCOL_VERSION = 2  # 2: the per-attempt token and the optional signature
 TASK_NAME = "luigi_celery.execute"
@@ -62,8 +54,6 @@ MAX_SESSION_LENGTH = 64
 # long traceback: past this it is refused before it is decoded.
 MAX_MESSAGE_BYTES = 1024 * 1024
 
-# The field of a message or reply that holds its HMAC, when a secret is set.
-SIGNATURE = "sig"
 
 M = TypeVar("M")
 
@@ -102,31 +92,6 @@ def parse_celery_id(celery_id: str) -> CeleryId | None:
     if len(parts) != 4 or len(parts[1]) != 16 or not parts[2].isdigit() or not _TOKEN.fullmatch(parts[3]):
         return None
     return CeleryId(parts[1], int(parts[2]), parts[3])
-
-
-def _signed_text(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps({k: v for k, v in payload.items() if k != SIGNATURE}, sort_keys=True,
-                      separators=(",", ":")).encode()  # fmt: skip
-
-
-def sign(payload: dict[str, Any], secret: str | None) -> dict[str, Any]:
-    """``payload`` with its HMAC-SHA256 under ``secret`` (unchanged without a secret)."""
-    if not secret:
-        return payload
-    digest = hmac.new(secret.encode(), _signed_text(payload), hashlib.sha256).hexdigest()
-    return {**payload, SIGNATURE: digest}
-
-
-def verify(payload: object, secret: str | None) -> None:
-    """Raise :class:`MessageError` unless ``payload`` carries a valid HMAC under ``secret``
-    (without a secret, everything passes)."""
-    if not secret:
-        return
-    if not isinstance(payload, Mapping) or not isinstance(payload.get(SIGNATURE), str):
-        raise MessageError("unsigned message (a secret is set: every message must be signed with it)")
-    expected = hmac.new(secret.encode(), _signed_text(payload), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, payload[SIGNATURE]):
-        raise MessageError("bad signature (signed with another secret, or changed on the way)")
 
 
 def _require(data: Mapping[str, Any], name: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:
@@ -331,56 +296,3 @@ def parse_reply(data: object) -> ResultMessage | StatusMessage:
     if parser is None:
         raise MessageError(f"unknown reply kind {kind!r}")
     return parser(data)
-
-
-# --- can this task travel? -------------------------------------------------
-
-
-def _check_class(task_cls: type[luigi.Task]) -> None:
-    family = task_cls.get_task_family()
-    if task_cls.__module__ == "__main__":
-        raise DispatchRefused(
-            f"{family} is defined in __main__, which a worker cannot import: move it to a module and pass --module"
-        )
-    if "<locals>" in task_cls.__qualname__:
-        raise DispatchRefused(
-            f"{family} is defined inside a function ({task_cls.__qualname__}), "
-            "so a worker cannot import it: define it at module level"
-        )
-    try:
-        registered = Register.get_task_cls(family)
-    except TaskClassException as e:
-        raise DispatchRefused(f"{family} cannot be looked up by its family name on a worker: {e}") from e
-    if registered is not task_cls:
-        raise DispatchRefused(f"{family} names another class in Luigi's registry ({registered.__module__})")
-
-
-def check_dispatchable(task: luigi.Task) -> dict[str, str]:
-    """Return the task's str params if a worker can rebuild exactly this task.
-
-    Raises :class:`DispatchRefused`, naming the task and the parameter, when
-    the class is not importable by name or a parameter does not survive the
-    trip through its string form (the only form that crosses the broker).
-    """
-    _check_class(type(task))
-    for name, param in task.get_params():
-        value = task.param_kwargs[name]
-        if param.visibility == ParameterVisibility.PRIVATE:
-            raise DispatchRefused(
-                f"{task.task_id}: parameter {name!r} is PRIVATE; luigi-celery does not send private "
-                "values over the broker: read the secret from config or the environment inside run()"
-            )
-        try:
-            text = param.serialize(value)
-            back = param.normalize(param.parse(text))
-            survives = isinstance(text, str) and back == value
-        except Exception as e:  # a parse error is the same answer: it does not survive
-            survives = False
-            text = f"<{type(e).__name__}: {e}>"
-        if not survives:
-            raise DispatchRefused(
-                f"{task.task_id}: parameter {name!r} = {value!r} ({type(value).__name__}) does not survive "
-                f"the string round trip ({type(param).__name__} gives back {text!r}); use a parameter "
-                "type that parses it (e.g. ListParameter, TupleParameter, OptionalParameter, IntParameter)"
-            )
-    return dict(task.to_str_params())

@@ -19,6 +19,8 @@ from typing import Any
 from celery import Celery
 
 from luigi_celery import message as m
+from luigi_celery import signing
+from luigi_celery.dispatchable import check_dispatchable
 from luigi_celery.errors import BrokerUnavailable
 from luigi_celery.monitor import Flight, Tracked
 from luigi_celery.options import task_options
@@ -45,7 +47,7 @@ def track(flight: Flight, default_queue: str, **fields: Any) -> Tracked:
     Raises :class:`DispatchRefused` for a task a worker could not rebuild, and
     :class:`ConfigError` for bad per-task options."""
     task = flight.task
-    params = m.check_dispatchable(task)
+    params = check_dispatchable(task)
     options = task_options(type(task))
     msg = m.TaskMessage(
         task_id=task.task_id, module=task.task_module, family=task.task_family, params=params, attempt=1,
@@ -116,7 +118,7 @@ class Publisher:
         the batch :meth:`flush` sends."""
         task_id = tracked.msg.task_id
         tracked.msg = dataclasses.replace(tracked.msg, sent_at=time.time())
-        kwargs = {"message": m.sign(tracked.msg.to_dict(), self._settings.secret)}
+        kwargs = {"message": signing.sign(tracked.msg.to_dict(), self._settings.secret)}
         producer = self._batch_producer() if batched else None
         try:
             self._app.send_task(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from celery import Celery
 
 from luigi_celery import message as m
+from luigi_celery import signing
 from luigi_celery.allowlist import RunModules
 from luigi_celery.claim import RunClaim
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, LuigiCeleryError, MessageError
@@ -260,7 +261,7 @@ class Sender:
 
     def _on_reply(self, data: object) -> None:
         try:
-            m.verify(data, self.settings.secret)
+            signing.verify(data, self.settings.secret)
             reply = m.parse_reply(data)
         except MessageError as e:
             logger.error("dropped an invalid reply on %s: %s", self.reply_to, e)

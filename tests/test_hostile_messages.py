@@ -21,6 +21,7 @@ import pytest
 from kombu import Connection
 
 from luigi_celery import message as m
+from luigi_celery import signing
 from luigi_celery.app import make_app
 from luigi_celery.results import reply_queue, reply_queue_name
 from luigi_celery.settings import Settings
@@ -315,10 +316,10 @@ def test_with_a_shared_secret_runs_work_and_unsigned_or_missigned_messages_never
         queue.declare()
         app.send_task(m.TASK_NAME, kwargs={"message": _succeeds(tmp_path / "unsigned", reply_to)}, queue=pool.queue,
                       task_id=f"unsigned-{tag}")  # fmt: skip
-        other = m.sign(_succeeds(tmp_path / "other", reply_to), "another secret")
+        other = signing.sign(_succeeds(tmp_path / "other", reply_to), "another secret")
         app.send_task(m.TASK_NAME, kwargs={"message": other}, queue=pool.queue, task_id=f"missigned-{tag}")
         # and then one signed with the secret
-        app.send_task(m.TASK_NAME, kwargs={"message": m.sign(_succeeds(tmp_path / "good", reply_to), secret)},
+        app.send_task(m.TASK_NAME, kwargs={"message": signing.sign(_succeeds(tmp_path / "good", reply_to), secret)},
                       queue=pool.queue)  # fmt: skip
         deadline, reply = time.time() + 30, None
         while reply is None and time.time() < deadline:
@@ -329,7 +330,7 @@ def test_with_a_shared_secret_runs_work_and_unsigned_or_missigned_messages_never
         others = queue.get(no_ack=True, accept=["json"])
         queue.delete()
     # Then only the signed one ran, and its reply is signed with the secret too
-    m.verify(reply.decode(), secret)
+    signing.verify(reply.decode(), secret)
     assert m.ResultMessage.from_dict(reply.decode()).status == m.DONE and others is None
     assert not (tmp_path / "unsigned").exists() and not (tmp_path / "other").exists()
     logs = pool.logs()

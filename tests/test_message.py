@@ -12,6 +12,8 @@ import luigi.worker
 import pytest
 
 from luigi_celery import message as m
+from luigi_celery import signing
+from luigi_celery.dispatchable import check_dispatchable
 from luigi_celery.errors import DispatchRefused, MessageError
 from tests import unit_tasks
 
@@ -440,19 +442,19 @@ def test_a_task_message_without_a_proper_token_is_malformed() -> None:
 
 def test_a_signed_message_verifies_and_any_change_or_another_secret_does_not() -> None:
     payload = a_task_message().to_dict()
-    signed = m.sign(payload, "s3cret")
-    m.verify(over_the_wire(signed), "s3cret")  # no error
-    m.verify(payload, None)  # no secret: nothing to check
-    assert m.sign(payload, None) == payload
+    signed = signing.sign(payload, "s3cret")
+    signing.verify(over_the_wire(signed), "s3cret")  # no error
+    signing.verify(payload, None)  # no secret: nothing to check
+    assert signing.sign(payload, None) == payload
     for forged, why in [
         (payload, "unsigned"),
-        (m.sign(payload, "another"), "bad signature"),
+        (signing.sign(payload, "another"), "bad signature"),
         ({**signed, "module": "os"}, "bad signature"),
         ({**signed, "sig": 42}, "unsigned"),
         ("not an object", "unsigned"),
     ]:
         with pytest.raises(MessageError, match=why):
-            m.verify(forged, "s3cret")
+            signing.verify(forged, "s3cret")
 
 
 # --- check_dispatchable ----------------------------------------------------------
@@ -465,7 +467,7 @@ def test_check_dispatchable_returns_the_str_params_of_a_task_that_can_travel() -
     )
 
     # When it is checked
-    params = m.check_dispatchable(task)
+    params = check_dispatchable(task)
 
     # Then its str params come back, and they rebuild exactly this task
     assert params == {
@@ -493,7 +495,7 @@ def test_check_dispatchable_refuses_a_value_a_plain_parameter_cannot_carry(value
 
     # When it is checked / Then it is refused, naming the task and the parameter
     with pytest.raises(DispatchRefused) as refused:
-        m.check_dispatchable(task)
+        check_dispatchable(task)
     assert task.task_id in str(refused.value)
     assert "'value'" in str(refused.value)
 
@@ -503,7 +505,7 @@ def test_check_dispatchable_accepts_a_string_in_a_plain_parameter() -> None:
     task = unit_tasks.PlainParameter(value="a b")
 
     # When it is checked / Then it may travel
-    assert m.check_dispatchable(task) == {"value": "a b"}
+    assert check_dispatchable(task) == {"value": "a b"}
 
 
 def test_check_dispatchable_refuses_a_private_parameter() -> None:
@@ -512,7 +514,7 @@ def test_check_dispatchable_refuses_a_private_parameter() -> None:
 
     # When it is checked / Then it is refused, naming the task and the parameter, without the secret
     with pytest.raises(DispatchRefused) as refused:
-        m.check_dispatchable(task)
+        check_dispatchable(task)
     assert task.task_id in str(refused.value)
     assert "'token'" in str(refused.value)
     assert "PRIVATE" in str(refused.value)
@@ -528,7 +530,7 @@ def test_check_dispatchable_refuses_a_class_defined_inside_a_function() -> None:
 
     # When it is checked / Then it is refused: a worker cannot import it
     with pytest.raises(DispatchRefused, match="inside a function") as refused:
-        m.check_dispatchable(task)
+        check_dispatchable(task)
     assert "test_message.DefinedInsideATestFunction" in str(refused.value)
 
 
@@ -542,5 +544,5 @@ def test_check_dispatchable_refuses_a_class_defined_in_main() -> None:
 
     # When it is checked / Then it is refused: a worker cannot import __main__
     with pytest.raises(DispatchRefused, match="__main__") as refused:
-        m.check_dispatchable(task)
+        check_dispatchable(task)
     assert "test_message.DefinedInAScript" in str(refused.value)
