@@ -26,7 +26,8 @@ from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
 from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from luigi_celery.results import ReplyQueueCheck
 from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings, redact
-from luigi_celery.store import RedisStore, redis_store_url
+from luigi_celery.store import redis_store_url
+from luigi_celery.store_redis import RedisStore
 
 # Celery's own queue priority range, used on RabbitMQ (x-max-priority).
 MAX_PRIORITY = 10

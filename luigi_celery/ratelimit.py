@@ -43,7 +43,8 @@ import redis
 from luigi_celery.errors import BrokerUnavailable
 from luigi_celery.redaction import scrub
 from luigi_celery.settings import redact
-from luigi_celery.store import KEY_PREFIX, ride_out_outages
+from luigi_celery.store import KEY_PREFIX
+from luigi_celery.store_redis import ride_out_outages
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")

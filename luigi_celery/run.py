@@ -23,7 +23,7 @@ from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.progress import ProgressView
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
-from luigi_celery.store import RedisStore
+from luigi_celery.store_redis import RedisStore
 
 
 class Interrupted(BaseException):

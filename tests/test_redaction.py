@@ -9,7 +9,7 @@ from luigi_celery.app import check_broker_url
 from luigi_celery.errors import BrokerUnavailable, ConfigError
 from luigi_celery.redaction import needs_encoding, passwords_in, redact, scrub
 from luigi_celery.sender import check_broker
-from luigi_celery.store import RedisStore
+from luigi_celery.store_redis import RedisStore
 
 # --- redact: the URLs luigi-celery shows ---------------------------------------------
 

@@ -13,7 +13,8 @@ import pytest
 
 from luigi_celery import message as m
 from luigi_celery.runlock import _Heartbeats, run_lock
-from luigi_celery.store import MemoryStore, RedisStore, died_here, owner_here, redis_store_url
+from luigi_celery.store import MemoryStore, died_here, owner_here, redis_store_url
+from luigi_celery.store_redis import RedisStore
 from tests.conftest import REDIS_URL
 
 
