@@ -1,11 +1,7 @@
-"""The dispatcher's part of rate limits, and the tasks that wait on purpose.
+"""Tasks that wait on purpose: for their rate-limit slot, or for a retry's backoff.
 
-A task of a rate-limited family gets its start slot reserved before it is
-published, and is published when the slot is due (:class:`RatePacing`, a
-:class:`~luigi_celery.hooks.DispatchHook`); the worker checks the slot where
-the task starts (:func:`luigi_celery.ratelimit.gate`). A task waiting for its
-slot, or for a retry's backoff, is in flight for Luigi, yet nothing runs it.
-Two more small pieces serve those:
+Such a task is in flight for Luigi, yet nothing runs it. Two small pieces
+serve it:
 
 - :class:`Pacer` publishes rate-limited tasks when their slot is due: one
   thread for every waiting task, however many there are (a timer thread per
@@ -17,59 +13,15 @@ Two more small pieces serve those:
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.hooks import DispatchHook
-from luigi_celery.options import task_options
-from luigi_celery.ratelimit import Limiter, MemoryLimiter
-
-if TYPE_CHECKING:
-    from luigi_celery.monitor import Tracked
+from typing import Any
 
 logger = logging.getLogger(__name__)
-
-
-class RatePacing(DispatchHook):
-    """Reserve each rate-limited task's start slot before it is published, and hold it until due.
-
-    Workers then get rate-limited tasks spread out, not in a burst. The slot
-    travels with the task (with a ``limiter`` shared with the workers); a worker
-    the task reaches late takes a new one. Without a shared limiter (RabbitMQ with
-    no store) this dispatcher paces its own tasks only, and says so once.
-    """
-
-    def __init__(self, limiter: Limiter | None) -> None:
-        self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
-        self._shared = limiter is not None
-        self._warned_unshared = False
-
-    def before_publish(self, tracked: Tracked) -> float:
-        task = tracked.flight.task
-        options = task_options(type(task))
-        if options.rate is None:
-            return 0.0
-        try:
-            wait, slot = self._limiter.reserve(options.rate_key, options.rate)
-        except LuigiCeleryError as e:
-            raise LuigiCeleryError(f"could not reserve a rate-limit slot for {task.task_id}: {e}") from e
-        if self._shared:
-            tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
-        elif not self._warned_unshared:
-            self._warned_unshared = True
-            logger.warning(
-                "%s has a rate limit, but no coordination store is configured: this dispatcher paces its "
-                "own tasks only, and workers do not check it (set LUIGI_CELERY_REDIS_URL for a global limit)",
-                task.task_family,
-            )
-        return wait
 
 
 class Waits:

@@ -22,29 +22,43 @@ semantics, monotonic clock), and :class:`FileLimiter` the embedded mode's:
 there the dispatcher and its worker processes share one machine, so a locked
 file per key and the machine's monotonic clock serve them all.  Both twins
 take their decisions from :func:`gcra`, which the Redis script mirrors.
+
+Both sides take part, both here: the dispatcher reserves a task's start slot
+before publishing it and holds the publish until the slot is due
+(:class:`RatePacing`, a dispatcher hook); the worker checks the slot where the
+task starts and takes a new one if it came late (:func:`gate`). The options
+(``rate_limit``, ``rate_limit_key``, ``rate_limit_burst``) are read in options.py.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import redis
 
-from luigi_celery.errors import BrokerUnavailable
+from luigi_celery.errors import BrokerUnavailable, LuigiCeleryError
+from luigi_celery.hooks import DispatchHook
 from luigi_celery.redaction import scrub
 from luigi_celery.settings import redact
 from luigi_celery.store import KEY_PREFIX
 from luigi_celery.store_redis import ride_out_outages
+
+if TYPE_CHECKING:
+    from luigi_celery.monitor import Tracked
+
+logger = logging.getLogger(__name__)
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
@@ -248,3 +262,40 @@ def gate(limiter: Limiter, key: str, rate: Rate, slot: float | None) -> tuple[fl
     if slot is not None and limiter.late_by(slot) <= LATENESS_ALLOWED * rate.interval:
         return 0.0, slot
     return limiter.reserve(key, rate)
+
+
+class RatePacing(DispatchHook):
+    """Reserve each rate-limited task's start slot before it is published, and hold it until due.
+
+    Workers then get rate-limited tasks spread out, not in a burst. The slot
+    travels with the task (with a ``limiter`` shared with the workers); a worker
+    the task reaches late takes a new one. Without a shared limiter (RabbitMQ with
+    no store) this dispatcher paces its own tasks only, and says so once.
+    """
+
+    def __init__(self, limiter: Limiter | None) -> None:
+        self._limiter: Limiter = limiter if limiter is not None else MemoryLimiter()
+        self._shared = limiter is not None
+        self._warned_unshared = False
+
+    def before_publish(self, tracked: Tracked) -> float:
+        from luigi_celery.options import task_options  # (options.py reads Rate from here)
+
+        task = tracked.flight.task
+        options = task_options(type(task))
+        if options.rate is None:
+            return 0.0
+        try:
+            wait, slot = self._limiter.reserve(options.rate_key, options.rate)
+        except LuigiCeleryError as e:
+            raise LuigiCeleryError(f"could not reserve a rate-limit slot for {task.task_id}: {e}") from e
+        if self._shared:
+            tracked.msg = dataclasses.replace(tracked.msg, rate_slot=slot)
+        elif not self._warned_unshared:
+            self._warned_unshared = True
+            logger.warning(
+                "%s has a rate limit, but no coordination store is configured: this dispatcher paces its "
+                "own tasks only, and workers do not check it (set LUIGI_CELERY_REDIS_URL for a global limit)",
+                task.task_family,
+            )
+        return wait

@@ -5,7 +5,7 @@ The :class:`Sender` knows nothing of Luigi's worker internals: it publishes a
 and calls the flight back from the watcher thread when a reply arrives. It
 wires the pieces of the dispatcher's side: the ledger of what is in flight
 (ledger.py), the publisher (publisher.py), the hooks of the policies
-(hooks.py: rate limits in pacing.py, metrics in metrics.py), the run's claim
+(hooks.py: rate limits in ratelimit.py, metrics in metrics.py), the run's claim
 and adoption after a restart (claim.py), the reply watcher (results.py) and
 the monitor of lost tasks (monitor.py).
 """
@@ -29,12 +29,12 @@ from luigi_celery.hooks import DispatchHook, hold_for, tell_answered, tell_publi
 from luigi_celery.ledger import Ledger, Route
 from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.monitor import Flight, Monitor, Tracked
-from luigi_celery.pacing import Pacer, RatePacing
+from luigi_celery.pacing import Pacer
 from luigi_celery.process import ResultQueue
 from luigi_celery.publisher import Publisher, track
 from luigi_celery.publisher import check_broker as check_broker  # (where the CLI and run.py find it)
 from luigi_celery.queues import QueueDepthCollector
-from luigi_celery.ratelimit import Limiter
+from luigi_celery.ratelimit import Limiter, RatePacing
 from luigi_celery.redaction import scrub
 from luigi_celery.results import ResultWatcher, reply_queue, reply_queue_name
 from luigi_celery.settings import Settings, redact
