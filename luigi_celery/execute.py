@@ -23,10 +23,12 @@ from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
 from luigi_celery import message as m
 from luigi_celery import signing
 from luigi_celery.errors import ConfigError, LuigiTaskFailed, MessageError
-from luigi_celery.metrics import Delivery, WorkerMetrics
+from luigi_celery.hooks import Hold, Run, RunHook, first_hold, tell
+from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.options import task_options
-from luigi_celery.ratelimit import Limiter, gate
+from luigi_celery.ratelimit import Limiter, RateGate
 from luigi_celery.results import publish_reply
+from luigi_celery.retry import Retries
 from luigi_celery.runlock import run_lock
 from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Store
@@ -131,6 +133,43 @@ def _hold(publish: Publish, msg: m.TaskMessage, seconds: float) -> None:
     RemoteStatusReporter(publish, msg).send("retry_in", seconds)
 
 
+def _message(kwargs: dict[str, Any], args: tuple[Any, ...], secret: str | None, publish: Publish) -> m.TaskMessage:
+    """The task message of an execute call; a Celery Reject (not requeued) when there is none."""
+    try:
+        signing.verify(kwargs.get("message"), secret)
+    except MessageError as e:
+        # Whoever sent it does not know the secret: its reply_to is not to be trusted either.
+        raise Reject(f"rejected message: {e}", requeue=False) from e
+    try:
+        if args or set(kwargs) != {"message"}:
+            raise MessageError("expected exactly one keyword argument, 'message'")
+        return m.TaskMessage.from_dict(kwargs["message"])
+    except MessageError as e:
+        partial = _partial_message(kwargs)
+        if partial is not None:
+            publish(partial.reply_to, failed_result(partial, f"malformed task message: {e}").to_dict())
+        # Celery logs the rejection, once, with this reason.
+        raise Reject(f"rejected malformed message: {e}", requeue=False) from e
+
+
+def _answer(
+    publish: Publish, hooks: list[RunHook], run: Run, result: m.ResultMessage, began: float | None = None
+) -> str:
+    publish(run.msg.reply_to, result.to_dict())
+    tell(hooks, "finished", run, result.status, began)
+    return _ended(result)
+
+
+def _send_back(task: Task, publish: Publish, hooks: list[RunHook], run: Run, hold: Hold) -> BaseException:
+    """The Celery retry that sends the task back with ``hold``: the caller raises it."""
+    if hold.text:
+        RemoteStatusReporter(publish, run.msg).update_status_message(hold.text)
+    _hold(publish, run.msg, hold.seconds)
+    tell(hooks, "held", run, hold)
+    again = {"message": signing.sign(hold.msg.to_dict(), task.secret)}
+    return task.retry(countdown=hold.seconds, max_retries=None, kwargs=again)  # (raises it, as Celery does)
+
+
 def register_execute(
     app: Celery,
     allowed: tuple[str, ...],
@@ -153,6 +192,11 @@ def register_execute(
     def publish(reply_to: str, payload: dict[str, Any]) -> None:
         publish_reply(app, reply_to, signing.sign(payload, secret))
 
+    # The policies, at the moments of each delivery: metrics see all, the rate limit may hold a
+    # task back before it runs, retries after a retryable error.
+    hooks: list[RunHook] = [*([metrics] if metrics is not None else []), *([RateGate(limiter)] if limiter else [])]
+    hooks.append(Retries())
+
     @app.task(
         name=m.TASK_NAME,
         # Not Celery's default "shared" task: that registers this closure in every app made later
@@ -166,55 +210,28 @@ def register_execute(
         secret=secret,
     )
     def execute(self: Task, *args: Any, **kwargs: Any) -> str:
-        try:
-            signing.verify(kwargs.get("message"), secret)
-        except MessageError as e:
-            # Whoever sent it does not know the secret: its reply_to is not to be trusted either.
-            raise Reject(f"rejected message: {e}", requeue=False) from e
-        try:
-            if args or set(kwargs) != {"message"}:
-                raise MessageError("expected exactly one keyword argument, 'message'")
-            msg = m.TaskMessage.from_dict(kwargs["message"])
-        except MessageError as e:
-            partial = _partial_message(kwargs)
-            if partial is not None:
-                publish(partial.reply_to, failed_result(partial, f"malformed task message: {e}").to_dict())
-            # Celery logs the rejection, once, with this reason.
-            raise Reject(f"rejected malformed message: {e}", requeue=False) from e
-        delivery = Delivery(metrics, msg.family, (self.request.delivery_info or {}).get("routing_key"))
-        delivery.queued(msg.sent_at)
+        msg = _message(kwargs, args, secret, publish)
+        run = Run(msg, (self.request.delivery_info or {}).get("routing_key"))
+        tell(hooks, "received", run)
         task = rebuild(msg, allowed)
         if isinstance(task, m.ResultMessage):
-            publish(msg.reply_to, task.to_dict())
-            delivery.finished(m.FAILED)
-            return _ended(task)
+            return _answer(publish, hooks, run, task)
         try:
-            options = task_options(type(task))
+            run.options = task_options(type(task))
         except ConfigError as e:
-            failed = failed_result(msg, f"bad options on {msg.family}: {e}")
-            publish(msg.reply_to, failed.to_dict())
-            delivery.finished(m.FAILED)
-            return _ended(failed)
-
-        if options.rate is not None and limiter is not None:
-            wait, slot = gate(limiter, options.rate_key, options.rate, msg.rate_slot)
-            if wait > 0:
-                # Its slot is later: back to the broker with that countdown, holding the slot.
-                # The worker keeps it in memory, not in a pool process, and other tasks go on.
-                _hold(publish, msg, wait)
-                delivery.rate_limited(wait)
-                reserved = dataclasses.replace(msg, rate_slot=slot, sent_at=time.time() + wait)
-                held = {"message": signing.sign(reserved.to_dict(), secret)}
-                raise self.retry(countdown=wait, max_retries=None, kwargs=held)
+            return _answer(publish, hooks, run, failed_result(msg, f"bad options on {msg.family}: {e}"))
+        hold = first_hold([hook.before_run(run) for hook in hooks])
+        if hold is not None:
+            raise _send_back(self, publish, hooks, run, hold)
 
         with run_lock(store, msg, lock_ttl, run_over) as lease:
             if lease.ended:
                 # Its dispatcher was interrupted, or ended its run, while this waited in a queue.
                 logger.warning("dropped %s unrun: the dispatcher that sent it has ended its run", msg.celery_id)
-                delivery.finished("dropped")
+                tell(hooks, "finished", run, "dropped", None)
                 return f"dropped: the run of {msg.task_id} is over"
             if lease.holder is not None:
-                delivery.finished("duplicate")
+                tell(hooks, "finished", run, "duplicate", None)
                 return f"duplicate: {msg.task_id} is already running as {lease.holder}"
             # A repeat delivery (a later attempt, a redelivered message, an id seen
             # started before) may find its work done: then it answers DONE, not runs.
@@ -225,23 +242,16 @@ def register_execute(
             began = time.monotonic()
             notice = _timers.call_later(STARTED_NOTICE_AFTER, functools.partial(_started, publish, msg))
             try:
-                result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=options.retry)
+                result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=run.options.retry)
             finally:
                 _timers.cancel(notice)
             if retry_error is None:
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
-                publish(msg.reply_to, result.to_dict())
-                delivery.finished(result.status, began)
-                return _ended(result)
-        delivery.finished("retry", began)
-        assert options.retry is not None
-        failures = msg.failures + 1
-        delay = options.retry.delay(failures)
-        text = f"retry {failures}/{options.retry.max_retries} in {delay:.1f} s: {retry_error!r}"
-        logger.warning("%s: %s", msg.task_id, text)
-        RemoteStatusReporter(publish, msg).update_status_message(text)
-        _hold(publish, msg, delay)
-        again = dataclasses.replace(msg, failures=failures, rate_slot=None, sent_at=time.time() + delay)
-        raise self.retry(countdown=delay, max_retries=None, kwargs={"message": signing.sign(again.to_dict(), secret)})
+                return _answer(publish, hooks, run, result, began)
+        tell(hooks, "finished", run, "retry", began)
+        retry = first_hold([hook.on_run_error(run, retry_error) for hook in hooks])
+        assert retry is not None, "run_task retries only when the task's retry policy says so"
+        logger.warning("%s: %s", msg.task_id, retry.text)
+        raise _send_back(self, publish, hooks, run, retry)
 
     return execute

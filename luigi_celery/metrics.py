@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from luigi_celery.hooks import DispatchHook
+from luigi_celery.hooks import DispatchHook, Hold, Run, RunHook
 
 if TYPE_CHECKING:
     from luigi_celery.monitor import Tracked
@@ -147,8 +147,8 @@ class DispatcherMetrics(DispatchHook):
         return True
 
 
-class WorkerMetrics:
-    """What the tasks of a worker did; recorded in its pool processes."""
+class WorkerMetrics(RunHook):
+    """What the tasks of a worker did: counted at the worker's hook moments, in its pool processes."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -177,6 +177,23 @@ class WorkerMetrics:
             "Countdowns tasks were sent back with, to wait for their rate-limit slot",
             labels, buckets=DURATION_BUCKETS, registry=registry,
         )  # fmt: skip
+
+    def received(self, run: Run) -> None:
+        # (the dispatcher's wall clock: one ahead of ours reads as 0)
+        if run.msg.sent_at is not None:
+            self.queue_wait.labels(**labels(run.msg.family, run.queue)).observe(max(0.0, time.time() - run.msg.sent_at))
+
+    def held(self, run: Run, hold: Hold) -> None:
+        if hold.why == "rate":
+            self.rate_limit_wait.labels(**labels(run.msg.family, run.queue)).observe(hold.seconds)
+
+    def finished(self, run: Run, outcome: str, began: float | None) -> None:
+        family = labels(run.msg.family, run.queue)
+        self.runs.labels(**family, outcome=outcome).inc()
+        if outcome == "retry":
+            self.retries.labels(**family).inc()
+        if began is not None:
+            self.duration.labels(**family).observe(time.monotonic() - began)
 
     @staticmethod
     def serve(port: int, address: str, *collectors: Any) -> None:
@@ -224,32 +241,3 @@ class PoolProcessesCollector:
 
 def labels(family: str, queue: str | None) -> dict[str, Any]:
     return {"family": family, "queue": queue or ""}
-
-
-class Delivery:
-    """The moments of one task delivery on a worker, recorded; nothing without metrics."""
-
-    def __init__(self, metrics: WorkerMetrics | None, family: str, queue: str | None) -> None:
-        self._metrics = metrics
-        self._labels = labels(family, queue)
-
-    def queued(self, sent_at: float | None) -> None:
-        """It reached a worker; ``sent_at`` is the dispatcher's wall clock (ahead of ours reads as 0)."""
-        if self._metrics is not None and sent_at is not None:
-            with hook("a queue wait"):
-                self._metrics.queue_wait.labels(**self._labels).observe(max(0.0, time.time() - sent_at))
-
-    def rate_limited(self, wait: float) -> None:
-        if self._metrics is not None:
-            with hook("a rate-limit wait"):
-                self._metrics.rate_limit_wait.labels(**self._labels).observe(wait)
-
-    def finished(self, outcome: str, began: float | None = None) -> None:
-        """An attempt ended: a Luigi status, ``retry`` or ``duplicate``; ``began`` on the monotonic clock."""
-        if self._metrics is not None:
-            with hook("a run"):
-                self._metrics.runs.labels(**self._labels, outcome=outcome).inc()
-                if outcome == "retry":
-                    self._metrics.retries.labels(**self._labels).inc()
-                if began is not None:
-                    self._metrics.duration.labels(**self._labels).observe(time.monotonic() - began)

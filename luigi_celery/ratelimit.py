@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Protocol
 import redis
 
 from luigi_celery.errors import BrokerUnavailable, LuigiCeleryError
-from luigi_celery.hooks import DispatchHook
+from luigi_celery.hooks import DispatchHook, Hold, Run, RunHook
 from luigi_celery.redaction import scrub
 from luigi_celery.settings import redact
 from luigi_celery.store import KEY_PREFIX
@@ -299,3 +299,21 @@ class RatePacing(DispatchHook):
                 task.task_family,
             )
         return wait
+
+
+class RateGate(RunHook):
+    """The worker's part of a rate limit: a task starts in its slot, or goes back to wait for one.
+
+    The worker's main process keeps the countdown, not a pool process, and other tasks go on."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+
+    def before_run(self, run: Run) -> Hold | None:
+        options = run.options
+        if options is None or options.rate is None:
+            return None
+        wait, slot = gate(self._limiter, options.rate_key, options.rate, run.msg.rate_slot)
+        if wait <= 0:
+            return None
+        return Hold(wait, dataclasses.replace(run.msg, rate_slot=slot, sent_at=time.time() + wait), "rate")

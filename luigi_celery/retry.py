@@ -10,8 +10,12 @@ which shows "retry k/n in X s: <error>" as the task's status message.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 from dataclasses import dataclass
+
+from luigi_celery.hooks import Hold, Run, RunHook
 
 DEFAULT_BACKOFF = 1.0
 DEFAULT_BACKOFF_MAX = 60.0
@@ -42,3 +46,19 @@ class RetryPolicy:
 
     def delay(self, retry: int) -> float:
         return backoff_delay(retry, self.backoff, self.backoff_max)
+
+
+class Retries(RunHook):
+    """Another attempt after a retryable error: the task goes back with its backoff as a countdown.
+
+    Whether an error is worth it is the task's :class:`RetryPolicy`, asked where Luigi
+    handles the error (taskprocess.py): Luigi hears of no failure then."""
+
+    def on_run_error(self, run: Run, error: BaseException) -> Hold | None:
+        policy = run.options.retry if run.options is not None else None
+        if policy is None:
+            return None
+        failures = run.msg.failures + 1
+        delay = policy.delay(failures)
+        again = dataclasses.replace(run.msg, failures=failures, rate_slot=None, sent_at=time.time() + delay)
+        return Hold(delay, again, "retry", f"retry {failures}/{policy.max_retries} in {delay:.1f} s: {error!r}")
