@@ -27,6 +27,8 @@ from luigi_celery.results import reply_queue, reply_queue_name
 from luigi_celery.settings import Settings
 from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env, run_cli
 
+pytestmark = pytest.mark.e2e
+
 SLOW_TASKS = ("--module", "tests.pipelines", "ManySlow", "--count", "8", "--seconds", "0.3", "--workers", "4")
 
 
