@@ -126,7 +126,7 @@ def test_a_thousand_hostile_messages_between_real_tasks(fresh_pool, tmp_path, br
     app = make_app(Settings(broker_url=broker, queue=pool.queue))
     reply_to = reply_queue_name(f"hostile-{uuid.uuid4().hex[:8]}")
     elsewhere = str(tmp_path / "elsewhere")
-    kinds = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
     with Connection(broker) as conn:
         reply_queue(reply_to)(conn.default_channel).declare()
         producer = conn.Producer()

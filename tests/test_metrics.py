@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from luigi_celery.metrics import DispatcherMetrics
 from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def scrape(port: int) -> Samples:
     """Every sample on ``/metrics`` at ``port``: (name, sorted labels) -> value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -181,7 +183,7 @@ def test_a_dispatcher_scraped_once_by_hand_ends_with_its_run(redis_pool, tmp_pat
     # Given a run serving its metrics, scraped once while it runs (a curl, not Prometheus)
     port = free_port()
     run = start_slow_run(redis_pool, tmp_path, port, count=1, seconds=2)
-    deadline, samples = time.time() + 30, {}
+    deadline, samples = time.time() + 30, Samples()
     while not total(samples, "luigi_celery_dispatched_total") and time.time() < deadline:
         time.sleep(0.1)
         with contextlib.suppress(OSError):

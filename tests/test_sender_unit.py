@@ -32,7 +32,7 @@ class Flight:
 
     def __init__(self, task: luigi.Task) -> None:
         self.task = task
-        self.worker_timeout = None
+        self.worker_timeout: float | None = None
         self.results: list[m.ResultMessage] = []
 
     def on_result(self, result: m.ResultMessage) -> None:
@@ -55,7 +55,7 @@ def sender() -> Sender:
     settings = Settings(broker_url=UNREACHABLE)
     made = Sender(make_app(settings), settings, limiter=MemoryLimiter(), metrics=DispatcherMetrics())
     made.published = []  # type: ignore[attr-defined]
-    made.app.send_task = lambda name, **kw: made.published.append(kw["task_id"])  # type: ignore[method-assign]
+    made.app.send_task = lambda name, **kw: made.published.append(kw["task_id"])  # type: ignore[attr-defined]
     return made
 
 
@@ -218,7 +218,7 @@ def test_with_a_secret_tasks_go_out_signed_and_unsigned_replies_are_dropped(capl
     settings = Settings(broker_url=UNREACHABLE, secret="s3cret")
     sender = Sender(make_app(settings), settings, limiter=MemoryLimiter())
     published: list[dict] = []
-    sender.app.send_task = lambda name, **kw: published.append(kw["kwargs"]["message"])  # type: ignore[method-assign]
+    sender.app.send_task = lambda name, **kw: published.append(kw["kwargs"]["message"])
     flight = Flight(Unlimited(out="/tmp", n=4))
     sender.send(flight)
     # Then the message carries a signature made with the secret
