@@ -43,8 +43,9 @@ def start_workers(broker: str, queue: str) -> list[subprocess.Popen]:
     for i in range(2):
         workers.append(
             subprocess.Popen(
-                [str(BIN / "luigi-celery"), "worker", "--broker", broker, "--queue", queue, "--include", "examples.sales",
-                 "--concurrency", "2", "--loglevel", "WARNING", "--hostname", f"bench{i}-{queue}@%h"],
+                [str(BIN / "luigi-celery"), "worker", "--broker", broker, "--queue", queue,
+                 "--include", "examples.sales", "--concurrency", "2", "--loglevel", "WARNING",
+                 "--hostname", f"bench{i}-{queue}@%h"],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

@@ -2,6 +2,17 @@
 
 A test that needs a broker FAILS when the broker does not answer; it never
 skips (``scripts/test`` starts the brokers before pytest runs).
+
+Tests come in three tiers, named by marks in each test file:
+
+- unit (no mark): no broker, no process of its own;
+- ``broker``: talks to a real Redis or RabbitMQ from the test process;
+- ``e2e``: starts processes (``luigi-celery``, Celery workers, luigid, tools).
+
+``pytest -m "not e2e"`` runs the first two, ``pytest -m "not e2e and not broker"`` the
+first. A test cannot slip into a lower tier unnoticed: collection fails when one uses a
+fixture of a higher tier than its marks say, and a test fails when, while it runs, it
+connects to a broker or starts a process that its marks do not allow.
 """
 
 from __future__ import annotations
@@ -30,6 +41,72 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKERS = {"redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
 # Modules the test workers allow (tests.pipelines_other is deliberately left out).
 WORKER_MODULES = ("examples.sales", "tests.pipelines")
+
+# The tiers: fixtures that put a test in one, and what a test below it may not do.
+BROKER_FIXTURES = frozenset({"brokers", "own_redis"})
+E2E_FIXTURES = frozenset({"pool", "redis_pool", "rabbitmq_pool", "fresh_pool", "luigid"})
+BROKER_PORTS = frozenset({6379, 5672, 15672})  # Redis, RabbitMQ and its management API
+BROKER_TIER_PROGRAMS = frozenset({"redis-server", "redis-cli"})  # own_redis: a Redis of the test's own
+
+
+def _tier(item: pytest.Item) -> str:
+    if item.get_closest_marker("e2e"):
+        return "e2e"
+    return "broker" if item.get_closest_marker("broker") else "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run when a test uses a fixture of a tier above its marks."""
+    wrong = []
+    for item in items:
+        tier, used = _tier(item), set(getattr(item, "fixturenames", ()))
+        if tier != "e2e" and used & E2E_FIXTURES:
+            wrong.append(f"{item.nodeid} uses {', '.join(sorted(used & E2E_FIXTURES))}: mark it e2e")
+        elif tier == "unit" and used & BROKER_FIXTURES:
+            wrong.append(f"{item.nodeid} uses {', '.join(sorted(used & BROKER_FIXTURES))}: mark it broker")
+    if wrong:
+        raise pytest.UsageError("tests outside their tier (see tests/conftest.py):\n" + "\n".join(wrong))
+
+
+class _TierGuard:
+    """What the running test does beyond its tier, seen through Python's audit hooks (which
+    catch what fixtures cannot show: ``run_cli``, a kombu connection, a fixture's param)."""
+
+    def __init__(self) -> None:
+        self.tier: str | None = None  # None: between tests, nothing is checked
+        self.seen: list[str] = []
+
+    def __call__(self, event: str, args: tuple) -> None:
+        if self.tier is None or self.tier == "e2e":
+            return
+        if event == "socket.connect":
+            address = args[1]
+            if self.tier == "unit" and isinstance(address, tuple) and address[1] in BROKER_PORTS:
+                self.seen.append(f"connect to {address[0]}:{address[1]} (mark it broker)")
+        elif event in ("subprocess.Popen", "os.system"):
+            command = args[1] if event == "subprocess.Popen" else args[0]
+            words = os.fsdecode(command).split() if isinstance(command, (str, bytes)) else list(command)[:1]
+            program = os.path.basename(os.fsdecode(words[0])) if words else "a process"
+            if not (self.tier == "broker" and program in BROKER_TIER_PROGRAMS):
+                self.seen.append(f"start {program} (mark it e2e)")
+
+
+_GUARD = _TierGuard()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.addaudithook(_GUARD)  # (an audit hook cannot be removed; it is idle between tests)
+
+
+@pytest.fixture(autouse=True)
+def _stays_in_its_tier(request: pytest.FixtureRequest) -> Iterator[None]:
+    _GUARD.tier, _GUARD.seen = _tier(request.node), []
+    try:
+        yield
+    finally:
+        _GUARD.tier = None
+    if _GUARD.seen:
+        pytest.fail(f"a {_tier(request.node)} test may not " + ", nor ".join(dict.fromkeys(_GUARD.seen)))
 
 
 def _answers(host: str, port: int) -> bool:

@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import BIN, ROOT, clean_env, run_cli
 
+pytestmark = pytest.mark.e2e
+
 # Stock Luigi exits 0 on a failed task; give it luigi-celery's codes so they compare.
 STOCK_RETCODES = ("--retcode-task-failed", "30", "--retcode-missing-data", "20", "--retcode-not-run", "25")
 SUMMARY = re.compile(r"===== Luigi Execution Summary =====\n(.*?)\n===== Luigi Execution Summary =====", re.S)

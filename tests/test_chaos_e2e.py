@@ -15,8 +15,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REDIS_URL, start_worker
 from tests.test_faults_e2e import events
+
+pytestmark = pytest.mark.e2e
 
 TASKS = 200
 KILL_EVERY = 3.0

@@ -34,6 +34,7 @@ def test_worker_hands_celery_options_through():
     assert rest == ["--concurrency", "4", "-Q", "gpu", "--autoscale", "8,2"]
 
 
+@pytest.mark.e2e
 def test_bad_flags_are_one_clear_error():
     bad_queue = run_cli("run", "--queue", "a b", "--module", "examples.sales", "Report")
     assert bad_queue.returncode == 2 and "argument --queue: must be a name without spaces" in bad_queue.stdout
@@ -57,6 +58,7 @@ def test_bad_flags_are_one_clear_error():
     assert extra.returncode == 2 and "unrecognized arguments: --bogus" in extra.stdout
 
 
+@pytest.mark.e2e
 def test_flower_options_take_their_value_either_way_and_a_wrong_one_is_one_line():
     # Flower's parser (tornado's) wants --name=value; ours takes --name value as well
     assert flower_arguments(["--port", "5556", "--basic-auth=u:p", "--persistent", "--address", "127.0.0.1"]) == [
@@ -73,6 +75,7 @@ def test_flower_options_take_their_value_either_way_and_a_wrong_one_is_one_line(
     )
 
 
+@pytest.mark.e2e
 def test_embedded_tasks_run_in_worker_processes_side_by_side(tmp_path):
     # Given no broker, three one-second tasks and --workers 3
     process = subprocess.Popen(
@@ -92,6 +95,7 @@ def test_embedded_tasks_run_in_worker_processes_side_by_side(tmp_path):
     assert latest_start < earliest_end  # all three were running at that moment
 
 
+@pytest.mark.e2e
 def test_a_dead_embedded_pool_fails_the_run_instead_of_hanging(tmp_path):
     # Given an embedded run with a long task in flight
     process = subprocess.Popen(
@@ -131,6 +135,7 @@ def test_flower_turns_the_workers_task_events_on_unless_told_not_to():
     assert _events_refused(flower_arguments(["--enable-events=false"]))
 
 
+@pytest.mark.e2e
 def test_an_embedded_run_that_fails_before_its_pool_starts_leaves_no_broker_folder(tmp_path):
     # Given no broker (the embedded default), temporary folders made under tmp_path
     env = clean_env(TMPDIR=str(tmp_path))
@@ -148,6 +153,7 @@ def test_include_takes_modules_comma_separated_one_by_one_or_both():
     assert rest == ["--concurrency", "4"]
 
 
+@pytest.mark.e2e
 def test_an_include_that_cannot_be_imported_is_one_line():
     # Given a worker allowed a module that does not exist, beside one that does
     result = run_cli("worker", "--broker", REDIS_URL, "--include", "examples.sales,no_such_module_here")
@@ -158,6 +164,7 @@ def test_an_include_that_cannot_be_imported_is_one_line():
     )
 
 
+@pytest.mark.e2e
 def test_worker_and_flower_help_need_no_broker():
     # Given no LUIGI_CELERY_* setting at all (run_cli's clean_env)
     worker = run_cli("worker", "--help", timeout=60)
@@ -173,6 +180,7 @@ def test_worker_and_flower_help_need_no_broker():
         assert flag in flower.stdout, flag
 
 
+@pytest.mark.e2e
 def test_flower_help_with_a_broker_connects_to_nothing():
     # Given a broker URL whose port is a socket of the test's own, counting connections
     with socket.socket() as listener:
@@ -189,6 +197,7 @@ def test_flower_help_with_a_broker_connects_to_nothing():
             listener.accept()
 
 
+@pytest.mark.e2e
 def test_check_queue_may_be_given_more_than_once_and_comma_separated():
     args, _ = parse("check", "--queue", "a, b", "--queue", "c")
     assert args.queues == ["a", "b", "c"]
@@ -196,6 +205,7 @@ def test_check_queue_may_be_given_more_than_once_and_comma_separated():
     assert bad.returncode == 2 and "argument --queue: must be a name without spaces, got 'two words'" in bad.stdout
 
 
+@pytest.mark.e2e
 def test_check_finds_a_worker_consuming_each_queue_named(pool):
     # Given a pool consuming its own queue
     # When check asks for that queue / Then some worker consumes it
@@ -211,18 +221,21 @@ def test_check_finds_a_worker_consuming_each_queue_named(pool):
     assert pool.queue not in unserved.stdout.split("no worker consumes", 1)[1]
 
 
+@pytest.mark.e2e
 def test_check_with_no_broker_says_the_embedded_default_needs_no_server():
     result = run_cli("check")
     assert result.returncode == 0, result.stdout
     assert "embedded default needs no server" in result.stdout
 
 
+@pytest.mark.e2e
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"luigi-celery {__version__}" == "luigi-celery 0.1.0"
 
 
+@pytest.mark.e2e
 def test_a_bad_number_names_the_flag_and_the_value_and_no_function():
     cases = [
         ("run", "--queue-timeout", "abc", "--module", "examples.sales", "Report"),
@@ -238,6 +251,7 @@ def test_a_bad_number_names_the_flag_and_the_value_and_no_function():
         ), result.stdout
 
 
+@pytest.mark.e2e
 def test_the_top_level_help_is_plain_text():
     result = run_cli("--help")
     assert result.returncode == 0

@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.e2e
+
 PIPELINE = ("--module", "tests.pipelines")
 
 

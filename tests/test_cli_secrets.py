@@ -21,6 +21,7 @@ def pieces(password: str) -> set[str]:
     return {password[i : i + 3] for i in range(len(password) - 2)}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("url", "password"),
     [
@@ -64,6 +65,7 @@ def test_the_error_line_is_scrubbed_of_every_configured_password_and_the_secret(
 # --- passwords off the command line ------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_check_reads_the_broker_url_from_a_file(brokers, tmp_path) -> None:
     # Given the broker URL in a file, named by LUIGI_CELERY_BROKER_URL_FILE (with a trailing newline)
     (tmp_path / "broker-url").write_text(REDIS_URL + "\n")
@@ -78,6 +80,7 @@ def test_check_reads_the_broker_url_from_a_file(brokers, tmp_path) -> None:
     ), result.stdout
 
 
+@pytest.mark.e2e
 def test_a_worker_and_check_with_the_password_in_a_file_work_and_warn_of_nothing(fresh_pool, tmp_path) -> None:
     # Given RabbitMQ's URL, password and all, in a file only its owner reads
     secret = tmp_path / "broker-url"
@@ -98,6 +101,7 @@ def test_a_worker_and_check_with_the_password_in_a_file_work_and_warn_of_nothing
     assert "guest:guest" not in found.stdout
 
 
+@pytest.mark.e2e
 def test_a_password_in_a_flag_is_warned_of_once_and_the_worker_still_runs(fresh_pool) -> None:
     # Given a worker started with the password in --broker (RabbitMQ's guest:guest)
     pool = fresh_pool(RABBITMQ_URL, count=1)
@@ -133,6 +137,7 @@ def test_the_warning_names_each_flag_with_a_password(capsys) -> None:
     )
 
 
+@pytest.mark.e2e
 def test_a_run_whose_broker_url_is_wrong_says_only_that_without_the_warning() -> None:
     # Given a password in --broker that kombu cannot split
     # When a run starts with it

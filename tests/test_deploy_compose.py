@@ -66,6 +66,7 @@ def instruction(name: str) -> list[str]:
 # --- the files -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_the_compose_file_follows_the_compose_specification(tmp_path):
     check = [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
     result = subprocess.run([*check, str(COMPOSE)], capture_output=True, text=True, timeout=120)
@@ -94,6 +95,7 @@ def test_the_stack_has_every_service_the_story_needs_with_a_grace_longer_than_ta
     assert "record_task_history = True" in config and "db_connection = postgresql+psycopg2://" in config
 
 
+@pytest.mark.e2e
 def test_hadolint_passes_the_dockerfile(tmp_path):
     result = subprocess.run([tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -120,6 +122,7 @@ def test_the_image_runs_the_worker_as_a_user_stops_it_warmly_and_checks_its_heal
     assert 'CMD ["sh", "-c", "luigi-celery check --worker \\"celery@$(hostname)\\"' in health
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_the_prometheus_configuration():
     result = subprocess.run([tool("promtool"), "check", "config", str(PROMETHEUS)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -222,6 +225,7 @@ def _http_status(url: str, auth: str | None = None) -> int | None:
     return http_get(url, auth, timeout=5)[0]
 
 
+@pytest.mark.e2e
 def test_every_service_command_runs_here_and_the_example_pipeline_completes(stack):
     # Given the worker service's command, through the image's entry point and environment
     worker = stack.start("worker")
@@ -259,6 +263,7 @@ def test_every_service_command_runs_here_and_the_example_pipeline_completes(stac
     assert int(history.stdout) >= 5, history.stdout
 
 
+@pytest.mark.e2e
 def test_a_worker_started_by_the_entry_point_stops_warmly_on_sigterm(stack):
     # Given a worker started as the image starts it, running a task of a pipeline
     tests_only = {"WORKER_AUTOSCALE": "", "WORKER_CONCURRENCY": "1", "LUIGI_CELERY_TASK_MODULES": "tests"}

@@ -108,6 +108,7 @@ def selected_metrics(expr: str) -> set[str]:
 # --- the alert rules ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_the_alert_rules():
     run_promtool("check", "rules", str(ALERTS))
 
@@ -173,6 +174,7 @@ def no_workers(queue: str, depth: int) -> dict[str, Any]:
     }
 
 
+@pytest.mark.e2e
 def test_the_failure_alert_fires_for_a_family_that_failed_and_not_for_one_that_did_not(tmp_path):
     runs = "luigi_celery_runs_total"
     run_promtool_tests(
@@ -196,6 +198,7 @@ def test_the_failure_alert_fires_for_a_family_that_failed_and_not_for_one_that_d
     )
 
 
+@pytest.mark.e2e
 def test_the_stuck_queue_alert_fires_when_tasks_wait_20_minutes_and_no_task_finishes(tmp_path):
     depth = "luigi_celery_queue_depth"
     run_promtool_tests(
@@ -218,6 +221,7 @@ def test_the_stuck_queue_alert_fires_when_tasks_wait_20_minutes_and_no_task_fini
     )
 
 
+@pytest.mark.e2e
 def test_the_stuck_queue_alert_stays_quiet_while_tasks_of_that_queue_finish(tmp_path):
     depth, runs = "luigi_celery_queue_depth", "luigi_celery_runs_total"
     run_promtool_tests(
@@ -240,6 +244,7 @@ def test_the_stuck_queue_alert_stays_quiet_while_tasks_of_that_queue_finish(tmp_
     )
 
 
+@pytest.mark.e2e
 def test_the_no_workers_alert_fires_while_tasks_wait_and_no_worker_is_scraped(tmp_path):
     depth, pool = "luigi_celery_queue_depth", "luigi_celery_worker_pool_processes"
     run_promtool_tests(
@@ -268,6 +273,7 @@ def test_the_no_workers_alert_fires_while_tasks_wait_and_no_worker_is_scraped(tm
     )
 
 
+@pytest.mark.e2e
 def test_the_worker_down_alert_fires_for_a_worker_target_down_5_minutes(tmp_path):
     down = {
         "exp_labels": {"severity": "warning", "job": "luigi_celery_worker", "instance": "worker-1:9541"},
@@ -350,6 +356,7 @@ def test_dashboard_panels_fit_the_grid_without_overlapping():
                 taken[(x, y)] = panel["title"]
 
 
+@pytest.mark.e2e
 def test_every_dashboard_query_is_valid_promql(tmp_path):
     # Given each query with Grafana's variables replaced by what they stand for,
     records = []

@@ -23,7 +23,12 @@ def folder_queue(tmp_path):
 
 def _waits(monkeypatch) -> list[float]:
     waits: list[float] = []
-    monkeypatch.setattr(embedded, "sleep", lambda seconds: (waits.append(seconds), time.sleep(seconds)))
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(embedded, "sleep", sleep)
     return waits
 
 

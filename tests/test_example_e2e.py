@@ -52,6 +52,7 @@ def test_the_readme_quotes_the_example_as_it_is():
     assert quoted in (ROOT / "examples" / "sales.py").read_text()
 
 
+@pytest.mark.e2e
 def test_example_on_the_embedded_default_matches_stock_luigi(stock_outputs, tmp_path):
     # Given no broker configured
     # When the example runs with luigi-celery
@@ -62,6 +63,7 @@ def test_example_on_the_embedded_default_matches_stock_luigi(stock_outputs, tmp_
     assert tree(tmp_path) == stock_outputs
 
 
+@pytest.mark.e2e
 def test_example_over_a_broker_with_two_workers_matches_stock_luigi(pool, stock_outputs, tmp_path):
     result = pool.run(*PIPELINE, "--Report-out", str(tmp_path), "--workers", "4")
     assert_ran_everything(result)
@@ -71,12 +73,14 @@ def test_example_over_a_broker_with_two_workers_matches_stock_luigi(pool, stock_
     assert pool.logs().count("Worker") >= 13 and "Report_2026_11_01" in pool.logs()
 
 
+@pytest.mark.e2e
 def test_example_with_a_central_luigid(redis_pool, luigid, stock_outputs, tmp_path):
     result = redis_pool.run(*PIPELINE, "--Report-out", str(tmp_path), "--workers", "4", "--scheduler-url", luigid)
     assert_ran_everything(result)
     assert tree(tmp_path) == stock_outputs
 
 
+@pytest.mark.e2e
 def test_a_second_run_finds_everything_complete(redis_pool, tmp_path):
     first = redis_pool.run(*PIPELINE, "--Report-out", str(tmp_path))
     assert first.returncode == 0

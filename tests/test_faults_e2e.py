@@ -25,6 +25,8 @@ from luigi_celery.settings import Settings
 from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env, wait_until
 from tests.pipelines import Slow
 
+pytestmark = pytest.mark.e2e
+
 SLOW = ("--module", "tests.pipelines", "ManySlow")
 
 

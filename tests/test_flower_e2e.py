@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import BIN, RABBITMQ_URL, REDIS_URL, ROOT, clean_env, free_port, http_get, wait_until
 from tests.pipelines import Fails, Flaky, ManySlow, MixedOutcomes
 
+pytestmark = pytest.mark.e2e
+
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 # As root, in a closed network: no sandbox, and nothing that calls out at start.

@@ -27,6 +27,8 @@ from luigi_celery.results import reply_queue, reply_queue_name
 from luigi_celery.settings import Settings
 from tests.conftest import RABBITMQ_URL, REDIS_URL, ROOT, clean_env, run_cli
 
+pytestmark = pytest.mark.e2e
+
 SLOW_TASKS = ("--module", "tests.pipelines", "ManySlow", "--count", "8", "--seconds", "0.3", "--workers", "4")
 
 
@@ -124,7 +126,7 @@ def test_a_thousand_hostile_messages_between_real_tasks(fresh_pool, tmp_path, br
     app = make_app(Settings(broker_url=broker, queue=pool.queue))
     reply_to = reply_queue_name(f"hostile-{uuid.uuid4().hex[:8]}")
     elsewhere = str(tmp_path / "elsewhere")
-    kinds = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
     with Connection(broker) as conn:
         reply_queue(reply_to)(conn.default_channel).declare()
         producer = conn.Producer()

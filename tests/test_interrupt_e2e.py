@@ -21,6 +21,8 @@ from kombu import Connection
 from tests.conftest import BIN, RABBITMQ_URL, REDIS_URL, ROOT, clean_env, start_worker, wait_until
 from tests.test_faults_e2e import events, first_start, outputs, starts
 
+pytestmark = pytest.mark.e2e
+
 SETUPS = {
     "redis": (REDIS_URL, {}),
     "rabbitmq": (RABBITMQ_URL, {}),

@@ -19,6 +19,7 @@ import queue
 import textwrap
 import threading
 import time
+from typing import ClassVar, cast
 
 import luigi
 import luigi.interface
@@ -30,6 +31,7 @@ from luigi.event import Event
 from luigi_celery import message as m
 from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, nothing_to_run
 from luigi_celery.process import CeleryTaskProcess, ResultQueue
+from luigi_celery.sender import Sender
 
 # Every attribute Luigi reads from the object _create_task_process returns.
 CONTRACT = {
@@ -98,7 +100,7 @@ def test_our_task_process_implements_every_contract_attribute():
     assert missing <= {"task", "status_reporter", "worker_timeout"}
     process = CeleryTaskProcess(
         luigi.Task(),
-        sender=None,
+        sender=None,  # type: ignore[arg-type]
         results=ResultQueue(),
         status_reporter=None,  # type: ignore[arg-type]
         worker_timeout=None,
@@ -176,7 +178,7 @@ def test_the_private_scheduler_api_we_use_still_exists():
 
 class ContractLeaf(luigi.Task):
     n = luigi.IntParameter()
-    done = set()  # task ids "run" by the in-memory sender
+    done: ClassVar[set[str]] = set()  # task ids "run" by the in-memory sender
 
     def complete(self):
         return self.task_id in self.done
@@ -239,9 +241,9 @@ class RecordingWorker(CeleryWorker):
 @pytest.fixture
 def recording_factory():
     sender = InstantSender()
-    factory = CeleryWorkerSchedulerFactory(sender)
+    factory = CeleryWorkerSchedulerFactory(cast(Sender, sender))
     factory.create_worker = lambda scheduler, worker_processes, assistant=False: RecordingWorker(  # type: ignore[method-assign]
-        scheduler=scheduler, worker_processes=worker_processes, assistant=assistant, sender=sender
+        scheduler=scheduler, worker_processes=worker_processes, assistant=assistant, sender=cast(Sender, sender)
     )
     ContractLeaf.done.clear()
     RecordingProcess.reads.clear()
@@ -299,7 +301,7 @@ class HoldingSender(InstantSender):
 def test_a_task_that_waits_on_purpose_does_not_take_one_of_luigis_slots():
     # Given one slot (--workers 1) and a first task that waits for its rate slot
     sender = HoldingSender(total=3)
-    factory = CeleryWorkerSchedulerFactory(sender)
+    factory = CeleryWorkerSchedulerFactory(cast(Sender, sender))
     ContractLeaf.done.clear()
     # When Luigi runs three tasks
     result = luigi.build([ContractRoot()], worker_scheduler_factory=factory, local_scheduler=True, workers=1)
@@ -382,7 +384,7 @@ class SlowRoot(luigi.WrapperTask):
 
 def _resolve(complete_checks, root):
     sender = InstantSender()
-    factory = CeleryWorkerSchedulerFactory(sender, complete_checks=complete_checks)
+    factory = CeleryWorkerSchedulerFactory(cast(Sender, sender), complete_checks=complete_checks)
     ContractLeaf.done.clear()
     SlowCheck.most = 0
     result = luigi.build([root], worker_scheduler_factory=factory, local_scheduler=True, workers=2,

@@ -19,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from luigi_celery.metrics import DispatcherMetrics
 from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, free_port, run_cli, start_worker
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def scrape(port: int) -> Samples:
     """Every sample on ``/metrics`` at ``port``: (name, sorted labels) -> value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -36,6 +38,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
+@pytest.mark.e2e
 def test_a_prefork_worker_counts_every_attempt_even_as_its_processes_are_replaced(fresh_pool, tmp_path):
     # Given a worker whose two pool processes are each replaced after one task, serving metrics
     port = free_port()
@@ -79,6 +82,7 @@ def start_slow_run(pool, out, port: int, count: int, seconds: float) -> subproce
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
     port = free_port()
     run = start_slow_run(redis_pool, tmp_path, port, count=2, seconds=3)
@@ -107,6 +111,7 @@ def test_the_dispatcher_serves_its_metrics_during_a_run(redis_pool, tmp_path):
     assert run.returncode == 0, output[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_metrics_port_in_use_is_one_clear_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
@@ -118,6 +123,7 @@ def test_a_metrics_port_in_use_is_one_clear_line(tmp_path):
     assert f"luigi-celery run: error: cannot serve metrics on port {port}" in result.stdout
 
 
+@pytest.mark.e2e
 def test_an_embedded_run_serves_the_dispatchers_metrics_and_its_pool_leaves_the_port_alone(tmp_path):
     # Given the metrics port in the environment, which the embedded worker child inherits
     env = clean_env(LUIGI_CELERY_METRICS_PORT=str(free_port()))
@@ -172,11 +178,12 @@ def test_a_scrape_seen_once_or_long_ago_is_not_a_scraper_and_0_waits_for_none(ca
     assert time.monotonic() - began < 0.1
 
 
+@pytest.mark.e2e
 def test_a_dispatcher_scraped_once_by_hand_ends_with_its_run(redis_pool, tmp_path):
     # Given a run serving its metrics, scraped once while it runs (a curl, not Prometheus)
     port = free_port()
     run = start_slow_run(redis_pool, tmp_path, port, count=1, seconds=2)
-    deadline, samples = time.time() + 30, {}
+    deadline, samples = time.time() + 30, Samples()
     while not total(samples, "luigi_celery_dispatched_total") and time.time() < deadline:
         time.sleep(0.1)
         with contextlib.suppress(OSError):
@@ -188,6 +195,7 @@ def test_a_dispatcher_scraped_once_by_hand_ends_with_its_run(redis_pool, tmp_pat
     assert "waiting up to" not in output
 
 
+@pytest.mark.e2e
 def test_the_final_wait_is_a_flag_and_a_setting():
     bad = run_cli("run", "--metrics-final-wait", "-1", "--module", "examples.sales", "Report")
     assert bad.returncode == 2
@@ -215,6 +223,7 @@ def answers(host: str, port: int) -> bool:
     return False
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("extra", "bound"), [((), "127.0.0.1"), (("--metrics-address", "0.0.0.0"), "0.0.0.0")], ids=["default", "0.0.0.0"]
 )
@@ -235,6 +244,7 @@ def test_a_workers_metrics_are_served_to_this_machine_only_unless_an_address_is_
         assert answers(other, port) is (bound == "0.0.0.0")
 
 
+@pytest.mark.e2e
 def test_a_dispatchers_metrics_address_comes_from_the_environment_too(tmp_path):
     # Given an embedded run serving its metrics, with LUIGI_CELERY_METRICS_ADDRESS and without
     for env, bound in (({}, "127.0.0.1"), ({"LUIGI_CELERY_METRICS_ADDRESS": "0.0.0.0"}, "0.0.0.0")):
@@ -256,6 +266,7 @@ def test_a_dispatchers_metrics_address_comes_from_the_environment_too(tmp_path):
         assert run.returncode == 0, output[-3000:]
 
 
+@pytest.mark.e2e
 def test_the_metrics_address_is_a_flag_and_a_setting_and_must_be_an_ip_address():
     bad = run_cli("worker", "--metrics-address", "everywhere", "--include", "examples")
     assert bad.returncode == 2

@@ -265,7 +265,8 @@ def test_retry_options_from_the_config_import_the_exception_names(
 ) -> None:
     task_cls = _task_class(request)
     set_task_config(task_cls, max_retries="2", retry_on="builtins.ConnectionError, socket.timeout")
-    assert task_options(task_cls).retry.retry_on == (ConnectionError, socket.timeout)
+    retry = task_options(task_cls).retry
+    assert retry is not None and retry.retry_on == (ConnectionError, socket.timeout)
 
 
 @pytest.mark.parametrize(

@@ -161,6 +161,7 @@ def _run_on_a_terminal(*args: str, timeout: float = 120) -> tuple[int, str]:
     return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.e2e
 def test_on_a_terminal_the_run_shows_a_live_line_and_ends_with_luigis_summary(tmp_path):
     # When a run of four 1-second tasks over two workers writes to a terminal
     code, output = _run_on_a_terminal(
@@ -178,6 +179,7 @@ def test_on_a_terminal_the_run_shows_a_live_line_and_ends_with_luigis_summary(tm
     assert "done " not in output[output.index(final) + len(final) :]  # no live line after it
 
 
+@pytest.mark.e2e
 def test_tasks_waiting_for_a_busy_worker_show_as_queued_not_running(fresh_pool, tmp_path):
     # Given one worker with one pool process, and three 1.5-second tasks sent at once
     pool = fresh_pool(REDIS_URL, count=1, concurrency=1)
@@ -192,6 +194,7 @@ def test_tasks_waiting_for_a_busy_worker_show_as_queued_not_running(fresh_pool, 
     assert not any("| running 2 |" in part or "| running 3 |" in part for part in redraws)
 
 
+@pytest.mark.e2e
 def test_off_a_terminal_the_run_writes_plain_lines_and_the_final_one_before_luigis_summary(tmp_path):
     result = run_cli("run", "--module", "tests.pipelines", "MixedOutcomes", "--out", str(tmp_path), "--workers", "3")
     assert result.returncode == 30, result.stdout[-3000:]

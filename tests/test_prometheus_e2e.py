@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import REDIS_URL, free_port, http_get, start_worker, wait_until
 
+pytestmark = pytest.mark.e2e
+
 SCRAPE_INTERVAL = "1s"
 
 

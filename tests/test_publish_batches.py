@@ -60,6 +60,7 @@ def _send(sender: Sender, count: int) -> list[Flight]:
     return flights
 
 
+@pytest.mark.broker
 def test_tasks_sent_between_waits_reach_the_broker_together_when_the_loop_waits(sender) -> None:
     # When Luigi's loop sends five tasks
     flights = _send(sender, 5)
@@ -85,6 +86,7 @@ def test_a_waiting_get_flushes_only_when_it_would_wait() -> None:
     assert flushed == [True]
 
 
+@pytest.mark.broker
 def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sender, monkeypatch) -> None:
     sender = redis_sender  # only Redis batches publishes
     # Given three tasks in a batch whose pipeline then fails

@@ -13,6 +13,8 @@ from luigi_celery.queues import QueueDepthCollector, queue_depths
 from luigi_celery.settings import Settings
 from tests.conftest import BROKERS, RABBITMQ_URL, REDIS_URL
 
+pytestmark = pytest.mark.broker
+
 # RabbitMQ's management API refreshes its message counts every 5 s (collect_statistics_interval).
 API_REFRESH = 15.0
 

@@ -14,7 +14,7 @@ from luigi_celery.ratelimit import FileLimiter, MemoryLimiter, Rate, RedisLimite
 from tests.conftest import REDIS_URL
 
 
-@pytest.fixture(params=["memory", "file", "redis"])
+@pytest.fixture(params=["memory", "file", pytest.param("redis", marks=pytest.mark.broker)])
 def limiter(request, tmp_path):
     if request.param == "memory":
         return MemoryLimiter()
@@ -107,6 +107,7 @@ def _process_grants(kind: str, where: str, key: str, offset: float, out: multipr
         out.put([t - offset for t in _grant_times(limiter, key, Rate.parse("40/s"), 2.0)])
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("kind", ["redis", "file"])
 def test_four_processes_with_skewed_clocks_never_exceed_the_budget(brokers, key, kind, tmp_path):
     # Given four processes whose clocks disagree by up to 10.5 s, sharing 40 starts a second

@@ -6,10 +6,14 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REDIS_URL, run_cli
 from tests.pipelines import Flaky
 from tests.test_behaviour_e2e import _luigid_api
 from tests.test_faults_e2e import events
+
+pytestmark = pytest.mark.e2e
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -150,7 +150,7 @@ def test_the_stores_ping_scrubs_what_redis_says() -> None:
     def fail() -> None:
         raise redis.ConnectionError("AUTH hunter22 refused")
 
-    store._client.ping = fail  # type: ignore[method-assign]
+    store._client.ping = fail  # type: ignore[method-assign, assignment]
 
     # When it is pinged / Then the error does not carry the password
     with pytest.raises(BrokerUnavailable) as raised:
@@ -185,7 +185,7 @@ def test_check_broker_scrubs_what_kombu_says() -> None:
     # Given a broker whose connection fails with a message that quotes the password and a piece of it
     # When luigi-celery checks the broker
     with pytest.raises(BrokerUnavailable) as raised:
-        check_broker(_App(), timeout=1)  # type: ignore[arg-type]
+        check_broker(_App(), timeout=1)
 
     # Then neither is in the error, which says what to do
     message = str(raised.value)

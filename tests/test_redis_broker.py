@@ -11,6 +11,8 @@ from kombu import Connection, Queue
 from luigi_celery.redis_broker import TRANSPORT
 from tests.conftest import REDIS_URL
 
+pytestmark = pytest.mark.broker
+
 
 def _channel_holding_a_message(conn: Connection):
     queue = Queue(f"lc-test-{uuid.uuid4().hex[:10]}", routing_key="x")

@@ -135,7 +135,12 @@ def test_the_fast_path_does_not_look_at_every_pending_task(monkeypatch: pytest.M
     fast.add_task(worker=WORKER, task_id="wrapper", status=PENDING, deps=[f"T{n}" for n in range(500)])
     scans: list[tuple[str, ...]] = []
     real = fast._state.get_active_tasks_by_status
-    monkeypatch.setattr(fast._state, "get_active_tasks_by_status", lambda *s: scans.append(s) or real(*s))
+
+    def recorded(*s):
+        scans.append(s)
+        return real(*s)
+
+    monkeypatch.setattr(fast._state, "get_active_tasks_by_status", recorded)
     # When all of it runs
     order = []
     while (reply := fast.get_work(worker=WORKER, current_tasks=[]))["task_id"] is not None:

@@ -13,6 +13,7 @@ import pytest
 from luigi_celery import message as m
 from luigi_celery import signing
 from luigi_celery.app import make_app
+from luigi_celery.claim import RunClaim
 from luigi_celery.errors import BrokerUnavailable
 from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.ratelimit import MemoryLimiter, Rate
@@ -32,7 +33,7 @@ class Flight:
 
     def __init__(self, task: luigi.Task) -> None:
         self.task = task
-        self.worker_timeout = None
+        self.worker_timeout: float | None = None
         self.results: list[m.ResultMessage] = []
 
     def on_result(self, result: m.ResultMessage) -> None:
@@ -55,7 +56,7 @@ def sender() -> Sender:
     settings = Settings(broker_url=UNREACHABLE)
     made = Sender(make_app(settings), settings, limiter=MemoryLimiter(), metrics=DispatcherMetrics())
     made.published = []  # type: ignore[attr-defined]
-    made.app.send_task = lambda name, **kw: made.published.append(kw["task_id"])  # type: ignore[method-assign]
+    made.app.send_task = lambda name, **kw: made.published.append(kw["task_id"])  # type: ignore[attr-defined]
     return made
 
 
@@ -218,7 +219,7 @@ def test_with_a_secret_tasks_go_out_signed_and_unsigned_replies_are_dropped(capl
     settings = Settings(broker_url=UNREACHABLE, secret="s3cret")
     sender = Sender(make_app(settings), settings, limiter=MemoryLimiter())
     published: list[dict] = []
-    sender.app.send_task = lambda name, **kw: published.append(kw["kwargs"]["message"])  # type: ignore[method-assign]
+    sender.app.send_task = lambda name, **kw: published.append(kw["kwargs"]["message"])
     flight = Flight(Unlimited(out="/tmp", n=4))
     sender.send(flight)
     # Then the message carries a signature made with the secret
@@ -239,8 +240,13 @@ def _claimed_run(store: MemoryStore) -> Sender:
     """A sender holding its run's claim in ``store``, as after start()."""
     settings = Settings(broker_url=UNREACHABLE, lock_ttl=5.0)
     made = Sender(make_app(settings), settings, store=store)
-    assert store.claim_run(made.run_id, made._claim.owner, settings.lock_ttl) is None
+    assert store.claim_run(made.run_id, _claim(made).owner, settings.lock_ttl) is None
     return made
+
+
+def _claim(sender: Sender) -> RunClaim:
+    assert sender._claim is not None  # a sender with a store has one
+    return sender._claim
 
 
 def test_a_run_claim_the_store_lost_is_taken_again_and_the_monitor_waits(caplog) -> None:
@@ -248,15 +254,15 @@ def test_a_run_claim_the_store_lost_is_taken_again_and_the_monitor_waits(caplog)
     store = MemoryStore()
     sender = _claimed_run(store)
     # When the store loses it (restarted empty, flushed) and the monitor's check refreshes it
-    store.release_run(sender.run_id, sender._claim.owner)
-    sender._claim.refresh()
+    store.release_run(sender.run_id, _claim(sender).owner)
+    _claim(sender).refresh()
     # Then the claim is this dispatcher's again, and the monitor calls nothing lost for a while
-    assert store.claim_run(sender.run_id, "another dispatcher", 5.0) == sender._claim.owner
+    assert store.claim_run(sender.run_id, "another dispatcher", 5.0) == _claim(sender).owner
     assert sender._monitor._settle_until > time.monotonic() + 5.0
     assert f"took the claim on run {sender.run_id} again" in caplog.text
     # and the next refresh finds it alive, saying nothing more
     caplog.clear()
-    sender._claim.refresh()
+    _claim(sender).refresh()
     assert caplog.text == ""
 
 
@@ -264,11 +270,11 @@ def test_a_run_claim_another_dispatcher_took_is_left_to_it_and_said_once(caplog)
     # Given a dispatcher whose claim the store lost, and another dispatcher that took it
     store = MemoryStore()
     sender = _claimed_run(store)
-    store.release_run(sender.run_id, sender._claim.owner)
+    store.release_run(sender.run_id, _claim(sender).owner)
     store.claim_run(sender.run_id, "another dispatcher", 5.0)
     # When the monitor's checks refresh it, twice
-    sender._claim.refresh()
-    sender._claim.refresh()
+    _claim(sender).refresh()
+    _claim(sender).refresh()
     # Then the claim stays the other's, and the error is logged once
     assert store.claim_run(sender.run_id, "a third", 5.0) == "another dispatcher"
     assert caplog.text.count(f"lost the claim on run {sender.run_id} to another dispatcher") == 1

@@ -19,6 +19,8 @@ from luigi_celery.sent_events import SentEvents
 from luigi_celery.settings import Settings
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.broker
+
 
 class Received:
     """Celery's event receiver in a thread: what Flower runs."""

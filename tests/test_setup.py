@@ -32,6 +32,7 @@ def test_the_demo_installs_the_package_alone(tmp_path):
         assert f"\n{tool}==" not in f"\n{have}", tool
 
 
+@pytest.mark.e2e
 def test_luigis_own_tests_that_cannot_be_fetched_are_one_clear_error(tmp_path):
     # Given a package index that does not answer, and a Luigi release not fetched yet
     env = clean_env(PIP_INDEX_URL=f"http://127.0.0.1:{free_port()}/simple", PIP_RETRIES="0", PIP_TIMEOUT="2",
@@ -45,6 +46,7 @@ def test_luigis_own_tests_that_cannot_be_fetched_are_one_clear_error(tmp_path):
     assert not (ROOT / ".cache" / "luigi-0.0.1" / "test" / "helpers.py").exists()
 
 
+@pytest.mark.e2e
 def test_a_hung_test_fails_at_its_time_limit(tmp_path, pytestconfig):
     # Given the suite's time limit per test
     assert 0 < float(pytestconfig.getini("timeout")) <= 900

@@ -18,7 +18,7 @@ from luigi_celery.store_redis import RedisStore
 from tests.conftest import REDIS_URL
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.broker)])
 def store(request):
     if request.param == "memory":
         return MemoryStore()
@@ -212,6 +212,7 @@ def test_a_lock_taken_again_as_its_task_ends_is_let_go(ids):
     assert store.status(run_id, [task_id], [])[0] == [False]
 
 
+@pytest.mark.e2e  # it starts a process, only to have the pid of a dead one
 def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
     task_id, run_id = ids
     store = MemoryStore()
@@ -226,6 +227,7 @@ def test_a_lock_left_by_a_dead_process_of_this_host_is_taken_over(ids):
     assert not died_here(f"c|another-host|{dead.pid}")
 
 
+@pytest.mark.broker
 def test_a_store_call_rides_out_a_short_redis_outage(own_redis, ids):
     # Given Redis down, and back two seconds later
     import threading

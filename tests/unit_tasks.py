@@ -140,7 +140,7 @@ class DynamicParent(luigi.Task):
     def output(self) -> luigi.LocalTarget:
         return _target(self.root, "parent.txt")
 
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self):
         yield DynamicChild(root=self.root, n=1)
         _touch(self.root, "parent.txt")
 
@@ -204,5 +204,5 @@ class FailureReturnsNonText(luigi.Task):
     def run(self) -> None:
         raise RuntimeError("disk full")
 
-    def on_failure(self, exception: BaseException) -> BaseException:  # type: ignore[override]
+    def on_failure(self, exception: BaseException) -> BaseException:
         return exception

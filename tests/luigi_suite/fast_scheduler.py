@@ -13,13 +13,13 @@ import luigi.scheduler
 
 from luigi_celery.scheduler import FastScheduler
 
-luigi.scheduler.Scheduler = FastScheduler  # before the test modules import it by name
+luigi.scheduler.Scheduler = FastScheduler  # type: ignore[misc]  # before the test modules import it by name
 
 _fast_calls = 0
 _own_get_work = FastScheduler._get_work
 
 
-def _counted_get_work(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+def _counted_get_work(self, *args, **kwargs):
     global _fast_calls
     _fast_calls += 1
     return _own_get_work(self, *args, **kwargs)
@@ -28,7 +28,7 @@ def _counted_get_work(self, *args, **kwargs):  # type: ignore[no-untyped-def]
 FastScheduler._get_work = _counted_get_work  # type: ignore[method-assign]
 
 
-def pytest_unconfigure(config):  # type: ignore[no-untyped-def]
+def pytest_unconfigure(config):
     path = os.environ.get("LUIGI_CELERY_FAST_CALLS")
     if path:
         with open(path, "w") as out:
