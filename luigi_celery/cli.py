@@ -347,7 +347,7 @@ def cmd_run(args: argparse.Namespace, luigi_argv: list[str]) -> int:
         return EXIT_OK
     check_command_line(luigi_argv, own_flags=_own_flags("run"))
     if settings.broker_url:
-        from luigi_celery.app import check_broker_url
+        from luigi_celery.brokers import check_broker_url
 
         check_broker_url(settings.broker_url)  # (a bad one is one line, without the warning below)
     _warn_of_passwords_in_flags(args)
@@ -477,6 +477,7 @@ def flower_arguments(argv: Sequence[str]) -> list[str]:
 
 def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
     from luigi_celery.app import make_app
+    from luigi_celery.brokers import is_rabbitmq
 
     if _wants_help(flower_argv):  # needs no broker, and tells no worker anything
         import flower.options  # noqa: F401  (defines Flower's options)
@@ -491,9 +492,8 @@ def cmd_flower(args: argparse.Namespace, flower_argv: list[str]) -> int:
     flower_argv = flower_arguments(flower_argv)
     app = make_app(settings)
     _warn_of_passwords_in_flags(args)
-    with app.connection_for_read() as conn:
-        rabbitmq = conn.transport.driver_type == "amqp"
-    if rabbitmq and not any(_has_flag(flower_argv, f) for f in ("--broker_api", "--broker-api")):
+    broker_api = any(_has_flag(flower_argv, f) for f in ("--broker_api", "--broker-api"))
+    if is_rabbitmq(settings.broker_url) and not broker_api:
         # Flower's Broker page shows RabbitMQ's queues through the management API.
         from luigi_celery.queues import rabbitmq_api_url
 
