@@ -56,7 +56,7 @@ def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             return parse(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from e
+            raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from e
 
     return parse_flag
 
@@ -92,7 +92,7 @@ class _CommaSeparated(argparse.Action):
                 try:
                     items.append(self.item(name))
                 except ValueError as e:
-                    raise argparse.ArgumentError(self, str(e)) from e
+                    raise argparse.ArgumentError(self, f"{e}, got {name!r}") from e
         setattr(namespace, self.dest, items)
 
 
