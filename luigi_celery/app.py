@@ -9,24 +9,18 @@ someone asks for it, never at import.
 from __future__ import annotations
 
 import os
-import urllib.parse
 from typing import Any
 
-import kombu
 from celery import Celery
 from celery.app.amqp import AMQP
 
-from luigi_celery.embedded import TRANSPORT as EMBEDDED_TRANSPORT
-from luigi_celery.errors import ConfigError
+from luigi_celery.brokers import check_broker_url, is_rabbitmq, is_redis, kombu_broker, redis_store_url
 from luigi_celery.execute import register_execute
 from luigi_celery.guard import OnlyExecute, RestrictControl, refuse_compressed_messages
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.ratelimit import FileLimiter, Limiter, RedisLimiter
-from luigi_celery.redaction import ENCODING_HINT, needs_encoding, scrub
-from luigi_celery.redis_broker import TRANSPORT as REDIS_TRANSPORT
 from luigi_celery.results import ReplyQueueCheck
-from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings, redact
-from luigi_celery.store import redis_store_url
+from luigi_celery.settings import EMBEDDED_POLLING_INTERVAL, Settings, load_settings
 from luigi_celery.store_redis import RedisStore
 
 # Celery's own queue priority range, used on RabbitMQ (x-max-priority).
@@ -80,46 +74,24 @@ class _AMQP(AMQP):
         return message
 
 
-def check_broker_url(url: str) -> None:
-    """A broker URL kombu cannot use is one clear error (with no password in it), not a
-    KeyError or a TypeError later."""
-    for part in url.split(";"):
-        query = urllib.parse.parse_qs(part.partition("?")[2].partition("#")[0])
-        if "password" in query:
-            # (kombu's parser fails on it with a TypeError: it passes the URL's own password too)
-            where = "write it before the host, as user:password@host"
-            raise ConfigError(f"unsupported broker URL {redact(url)}: kombu takes no password from the query; {where}")
-    try:
-        kombu.Connection(url)  # resolves the transport; connects nothing
-    except (KeyError, ValueError, ImportError, TypeError) as e:
-        reason = scrub(str(e), urls=[url])
-        if needs_encoding(url):
-            # A piece of the password was read as the port; kombu's words may quote it ("... as 'pa'").
-            reason = ENCODING_HINT if isinstance(e, ValueError) else f"{reason} ({ENCODING_HINT})"
-        raise ConfigError(f"unsupported broker URL {redact(url)}: {reason}") from e
-
-
 def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) -> Celery:
     """A Celery app for ``settings``, with the execute task registered.
 
     For the embedded default, ``settings.embedded_dir`` must name the folder
     the broker lives in (the dispatcher creates it).
     """
-    broker_url, transport, transport_options = settings.broker_url, None, {}
-    if broker_url:
-        check_broker_url(broker_url)
-    redis_broker = bool(broker_url and broker_url.startswith(("redis", "sentinel")))
-    if redis_broker:
-        transport_options["visibility_timeout"] = settings.visibility_timeout
-    if broker_url and broker_url.startswith("redis://"):
-        transport = REDIS_TRANSPORT  # survives a Redis restart while holding messages
+    redis_broker = is_redis(settings.broker_url)
+    transport_options: dict[str, Any] = {}
     if settings.embedded:
         if not settings.embedded_dir:
             raise ValueError("the embedded broker needs settings.embedded_dir")
-        # The host is ignored; naming one keeps kombu from warning each time Celery clones the connection.
-        broker_url, transport = "filesystem://localhost/", EMBEDDED_TRANSPORT
         transport_options = embedded_transport_options(settings.embedded_dir)
+    elif settings.broker_url:
+        check_broker_url(settings.broker_url)
+    if redis_broker:
+        transport_options["visibility_timeout"] = settings.visibility_timeout
     transport_options.update(settings.broker_transport_options)
+    broker_url, transport = kombu_broker(settings.broker_url)
 
     # Anyone who can publish on the broker can send a worker (or the dispatcher's reply
     # queue) a message: the app runs luigi-celery's task alone, from uncompressed JSON
@@ -159,7 +131,7 @@ def make_app(settings: Settings, worker_metrics: WorkerMetrics | None = None) ->
     )
     url = store_url(settings)
     # With no store (RabbitMQ alone), a dispatcher's deleted reply queue says its run is over.
-    rabbitmq = bool(broker_url and broker_url.startswith(("amqp", "pyamqp")))
+    rabbitmq = is_rabbitmq(settings.broker_url)
     register_execute(
         app,
         settings.task_modules,

@@ -2,10 +2,14 @@
 
 Everything derives from :class:`LuigiCeleryError`, so a caller can catch one
 type.  Errors from kombu, redis or Celery are wrapped at the boundary
-(``raise ... from e``): users never have to catch a kombu type.
+(``raise ... from e``): users never have to catch a kombu type.  Two are not
+errors of luigi-celery's, and so not LuigiCeleryErrors: :class:`LuigiTaskFailed`
+is for Celery's record of a task, and :class:`Interrupted` is a stop, not an error.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class LuigiCeleryError(Exception):
@@ -22,6 +26,10 @@ class BrokerUnavailable(LuigiCeleryError):
 
 class MessageError(LuigiCeleryError):
     """A message on the broker is not a valid luigi-celery message."""
+
+
+class RefusedCompression(MessageError):
+    """A compressed message: luigi-celery never compresses, and does not inflate what it did not send."""
 
 
 class DispatchRefused(LuigiCeleryError):
@@ -43,3 +51,12 @@ class LuigiTaskFailed(Exception):
     """Raised after a FAILED reply has gone to the dispatcher, so that Celery, and
     Flower with it, record a task Luigi calls FAILED as a FAILURE, with Luigi's
     explanation. The dispatcher never sees it: it reads the reply."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM on the dispatcher (a BaseException, like KeyboardInterrupt, so
+    nothing on the way catches it as an ordinary error)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum

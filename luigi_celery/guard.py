@@ -31,7 +31,7 @@ from kombu import compression
 
 from luigi_celery import message as m
 from luigi_celery import signing
-from luigi_celery.errors import MessageError
+from luigi_celery.errors import MessageError, RefusedCompression
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ CONTROL_COMMANDS = frozenset(
 # Parts of a Celery message that make a worker run or publish something else after (or
 # around) the task: luigi-celery never sends them.
 _EMBEDDED_WORK = ("callbacks", "errbacks", "chain", "chord")
-
-
-class RefusedCompression(MessageError):
-    """A compressed message: luigi-celery never compresses, and does not inflate what it did not send."""
 
 
 def _refuse(body: bytes) -> bytes:

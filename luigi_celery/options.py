@@ -19,14 +19,9 @@ import luigi
 from luigi_celery.errors import ConfigError
 from luigi_celery.ratelimit import Rate
 from luigi_celery.retry import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, RetryPolicy
+from luigi_celery.settings import non_negative_int, positive_number, queue_name
 
 CONFIG_SECTION_PREFIX = "luigi_celery.task."
-
-
-def _queue(value: Any) -> str:
-    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-        raise ValueError("must be a non-empty queue name without spaces")
-    return value
 
 
 def _priority(value: Any) -> int:
@@ -40,18 +35,6 @@ def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty name")
     return value.strip()
-
-
-def _whole(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str) or int(value) < 0:
-        raise ValueError("must be a whole number >= 0")
-    return int(value)
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or float(value) <= 0:
-        raise ValueError("must be a positive number of seconds")
-    return float(value)
 
 
 def _rate(value: Any) -> str:
@@ -81,16 +64,17 @@ def _import_exception(dotted: str) -> type[BaseException]:
     return found
 
 
-# option name -> parser (accepts the class attribute's value or the config's string)
+# option name -> parser (accepts the class attribute's value or the config's string); the
+# checks an option shares with a setting are settings.py's
 OPTIONS: dict[str, Callable[[Any], Any]] = {
-    "celery_queue": _queue,
+    "celery_queue": queue_name,
     "celery_priority": _priority,
     "rate_limit": _rate,
-    "rate_limit_burst": _whole,
+    "rate_limit_burst": non_negative_int,
     "rate_limit_key": _name,
-    "max_retries": _whole,
-    "retry_backoff": _seconds,
-    "retry_backoff_max": _seconds,
+    "max_retries": non_negative_int,
+    "retry_backoff": positive_number,
+    "retry_backoff_max": positive_number,
     "retry_on": _exception_types,
 }
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from celery import Celery
 
+from luigi_celery.brokers import is_rabbitmq, is_redis
 from luigi_celery.errors import BrokerUnavailable
-from luigi_celery.redaction import scrub
-from luigi_celery.settings import redact
+from luigi_celery.redaction import redact, scrub
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +37,19 @@ RABBITMQ_API_TIMEOUT = 2.0
 def queue_depths(app: Celery, queues: Iterable[str], rabbitmq_api_url: str | None = None) -> dict[str, int]:
     """Depth per queue, in one connection; a queue that does not exist has depth 0."""
     depths: dict[str, int] = {}
+    url = app.conf.broker_url
     try:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
-            driver = conn.transport.driver_type
-            if driver == "redis":
+            if is_redis(url):
                 reserved = _reserved_on_redis(conn.default_channel)
-            elif driver == "amqp":
+            elif is_rabbitmq(url):
                 reserved = _reserved_on_rabbitmq(rabbitmq_api_url or _default_api_url(conn), conn.virtual_host)
             else:
                 reserved = {}
             for queue in queues:
                 depths[queue] = _waiting(conn, queue) + reserved.get(queue, 0)
     except Exception as e:
-        url = app.conf.broker_url
         raise BrokerUnavailable(f"cannot read queue depths from {redact(url)}: {scrub(str(e), urls=[url])}") from e
     return depths
 

@@ -18,21 +18,12 @@ from luigi_celery.dispatch import (
     run_with_retcodes,
 )
 from luigi_celery.embedded import EmbeddedWorker, make_embedded_dir
-from luigi_celery.errors import LuigiCeleryError, RunAlreadyActive
+from luigi_celery.errors import Interrupted, LuigiCeleryError, RunAlreadyActive
 from luigi_celery.metrics import DispatcherMetrics
 from luigi_celery.progress import ProgressView
 from luigi_celery.sender import Sender, check_broker
 from luigi_celery.settings import Settings
 from luigi_celery.store_redis import RedisStore
-
-
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM on the dispatcher (a BaseException, like KeyboardInterrupt, so
-    nothing on the way catches it as an ordinary error)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.exit_code = 128 + signum
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:

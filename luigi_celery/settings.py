@@ -133,60 +133,68 @@ def _modules(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
 
-def _number(value: str, fits: Callable[[float], bool], wanted: str) -> float:
+# The validators below serve flags, environment variables, the luigi config and per-task
+# options (options.py), so they take a task class's attribute (a number, never a bool) as well
+# as text. Their ValueError says what is wanted ("must be ..."); the caller, who knows where
+# the value came from, shows it.
+def _number(value: str | float, fits: Callable[[float], bool], wanted: str) -> float:
     try:
-        number = float(value)
-    except ValueError:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
         number = math.nan
     if not (math.isfinite(number) and fits(number)):
-        raise ValueError(f"must be {wanted}, got {value!r}")
+        raise ValueError(f"must be {wanted}")
     return number
 
 
-def positive_number(value: str) -> float:
-    """A finite number above 0 (seconds, mostly), from a flag, an environment variable or the luigi config."""
+def _whole_number(value: str | int, fits: Callable[[int], bool], wanted: str) -> int:
+    try:
+        # (never a truncated 3.7, nor True)
+        number = int(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not fits(number):
+        raise ValueError(f"must be {wanted}")
+    return number
+
+
+def positive_number(value: str | float) -> float:
+    """A finite number above 0 (seconds, mostly)."""
     return _number(value, lambda n: n > 0, "a positive number")
 
 
-def non_negative_number(value: str) -> float:
+def non_negative_number(value: str | float) -> float:
     """A finite number, 0 or more (a wait that may be switched off)."""
     return _number(value, lambda n: n >= 0, "a number, 0 or more")
 
 
-def positive_int(value: str) -> int:
-    """A whole number above 0, from a flag, an environment variable or the luigi config."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise ValueError(f"must be a positive whole number, got {value!r}")
-    return number
+def positive_int(value: str | int) -> int:
+    """A whole number above 0."""
+    return _whole_number(value, lambda n: n > 0, "a positive whole number")
 
 
-def port_number(value: str) -> int:
-    """A TCP port, from a flag, an environment variable or the luigi config."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if not 0 < number < 65536:
-        raise ValueError(f"must be a port number from 1 to 65535, got {value!r}")
-    return number
+def non_negative_int(value: str | int) -> int:
+    """A whole number, 0 or more (a count that may be none)."""
+    return _whole_number(value, lambda n: n >= 0, "a whole number, 0 or more")
+
+
+def port_number(value: str | int) -> int:
+    """A TCP port."""
+    return _whole_number(value, lambda n: 0 < n < 65536, "a port number from 1 to 65535")
 
 
 def listen_address(value: str) -> str:
-    """An IP address to listen on (IPv4 or IPv6), from a flag, an environment variable or the luigi config."""
+    """An IP address to listen on (IPv4 or IPv6)."""
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:
-        raise ValueError(f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}") from None
+        raise ValueError("must be an IP address such as 127.0.0.1 or 0.0.0.0") from None
 
 
-def queue_name(value: str) -> str:
-    """A Celery queue name, from a flag, an environment variable or the luigi config."""
-    if not value or any(c.isspace() for c in value):
-        raise ValueError(f"must be a name without spaces, got {value!r}")
+def queue_name(value: object) -> str:
+    """A Celery queue name: a string, not empty, without spaces."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError("must be a name without spaces")
     return value
 
 
@@ -273,7 +281,7 @@ def load_settings(
         try:
             values[name] = _PARSERS[name](text)
         except ValueError as e:
-            raise ConfigError(f"invalid {name}: {e}") from e
+            raise ConfigError(f"invalid {name}: {e}, got {text!r}") from e
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value

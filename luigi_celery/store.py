@@ -22,6 +22,8 @@ import threading
 import time
 from typing import NamedTuple, Protocol
 
+from luigi_celery.brokers import redis_store_url  # noqa: F401  (its home was here: importers may still look here)
+
 KEY_PREFIX = "luigi-celery:"
 # Start marks of a run live this long after the last one (a run longer than that
 # keeps them alive by starting tasks).
@@ -201,12 +203,3 @@ def died_here(holder: str) -> bool:
     except PermissionError:
         return False  # it exists, as another user
     return False
-
-
-def redis_store_url(broker_url: str | None, redis_url: str | None) -> str | None:
-    """The coordination store's URL: ``redis_url``, else the broker when it is Redis."""
-    if redis_url:
-        return redis_url
-    if broker_url and broker_url.split("://", 1)[0] in ("redis", "rediss"):
-        return broker_url.split(";", 1)[0]
-    return None

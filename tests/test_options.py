@@ -290,3 +290,24 @@ def test_an_unknown_key_in_the_config_section_is_refused(request: pytest.Fixture
     set_task_config(task_cls, rate_limt="20/s")
     with pytest.raises(ConfigError, match="rate_limt"):
         task_options(task_cls)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("retry_backoff", float("nan"), id="backoff nan"),
+        pytest.param("retry_backoff_max", float("inf"), id="backoff max inf"),
+        pytest.param("retry_backoff", True, id="backoff True"),
+        pytest.param("max_retries", 2.5, id="retries 2.5"),
+        pytest.param("rate_limit_burst", "2.5", id="burst '2.5'"),
+    ],
+)
+def test_a_retry_or_burst_option_is_checked_as_a_setting_is(
+    request: pytest.FixtureRequest, name: str, value: Any
+) -> None:
+    # Given a number a setting would refuse (not finite, a bool, or not whole)
+    task_cls = _task_class(request, **{"rate_limit": "1/s", "max_retries": 1, name: value})
+
+    # When the options are resolved / Then it is refused in the words settings.py uses
+    with pytest.raises(ConfigError, match=f"{name} = .*: must be a"):
+        task_options(task_cls)
