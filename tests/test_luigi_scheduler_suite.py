@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.luigi_suite.fetch import fetched, tests_folder
+from tests.luigi_suite.fetch import fetched
+from tests.luigi_suite.fetch import tests_folder as luigi_tests_folder  # (not collected as a test)
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ FAILING_WITHOUT_US = [
 
 def luigi_tests() -> Path:
     """Luigi's test directory for the installed version, fetched by ``scripts/setup test``."""
-    tests = tests_folder()
+    tests = luigi_tests_folder()
     assert fetched(), f"Luigi's own tests are not in {tests}: run scripts/setup test (scripts/test does)"
     return tests
 
