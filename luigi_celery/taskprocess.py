@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import billiard.common
 import luigi.worker
 from celery.exceptions import SoftTimeLimitExceeded
 from luigi.task_register import TaskClassException
@@ -87,11 +88,12 @@ class _WorkerTaskProcess(luigi.worker.TaskProcess):
     retry_error: BaseException | None = None
 
     def _handle_run_exception(self, ex: BaseException) -> str:
-        if isinstance(ex, SystemExit):
+        if isinstance(ex, SystemExit) and shutting_down():
             # The pool process is being shut down under the task (a signal to the
             # process): the task did not fail, it was cut off. Let the exit through,
             # so Celery treats it as a lost worker and requeues the message.
             raise ex
+        # (a SystemExit the task raised itself is its failure, as under Luigi's own worker)
         if self.retry is not None and isinstance(ex, Exception) and self.retry.should_retry(ex, self.failures):
             # Another attempt will come: Luigi hears of no failure, so no on_failure, no FAILURE event.
             self.retry_error = ex
@@ -103,6 +105,13 @@ class _WorkerTaskProcess(luigi.worker.TaskProcess):
             return timeout_explanation(self.task.task_id, self.timeout_seconds)
         result: str = super()._handle_run_exception(ex)
         return result
+
+
+def shutting_down() -> bool:
+    """True once this pool process's own terminate handler has fired (billiard raises SystemExit
+    from it): an exit then is the pool's, not the task's."""
+    fired = getattr(billiard.common, "terminate_handler_fired", None)
+    return bool(fired()) if fired is not None else False
 
 
 def failed_result(msg: m.TaskMessage, expl: str) -> m.ResultMessage:
@@ -180,6 +189,13 @@ def run_task(
     process.retry, process.failures = retry, msg.failures
     try:
         process.run()
+    except KeyboardInterrupt:
+        if shutting_down():
+            raise  # cut off, not failed: Celery requeues it
+        # The task's own: Luigi lets it end the task's process, which it then reports FAILED
+        # (TaskProcess has put that result already), without on_failure or a FAILURE event.
+        expl = f"{msg.task_id} raised KeyboardInterrupt in run():\n{traceback.format_exc()}"
+        return failed_result(msg, expl), None
     except Exception:
         # The task's own on_failure (or an event handler) raised while Luigi handled
         # its failure: TaskProcess has put FAILED without an explanation, then re-raised.

@@ -368,3 +368,24 @@ class MixedOutcomesForAWhile(MixedOutcomes):
 
     def requires(self):
         return [*super().requires(), Slow(out=self.out, n=3, seconds=3.0)]
+
+
+class ExitsInRun(OutTask):
+    """Its own sys.exit() in run(): Luigi's worker reports it FAILED, with on_failure."""
+
+    def run(self):
+        raise SystemExit(3)
+
+
+class InterruptsInRun(OutTask):
+    """Its own KeyboardInterrupt in run(): Luigi's worker reports it FAILED, without on_failure."""
+
+    def run(self):
+        raise KeyboardInterrupt
+
+
+class ExitsOrInterrupts(luigi.WrapperTask):
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return [ExitsInRun(out=self.out), InterruptsInRun(out=self.out)]

@@ -231,3 +231,25 @@ def test_a_wrapper_task_runs_and_calls_on_success_like_stock_luigi(redis_pool, t
     result = redis_pool.run("--module", "tests.pipelines", "WrapsSucceeds", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:]
     assert (tmp_path / "wrapper_on_success.txt").exists()
+
+
+def test_a_task_that_raises_systemexit_or_keyboardinterrupt_fails_once_as_under_stock_luigi(redis_pool, tmp_path):
+    # Given tasks whose run() raises SystemExit and KeyboardInterrupt, run by stock Luigi and by us
+    stock = stock_luigi("--module", "tests.pipelines", "ExitsOrInterrupts", "--out", str(tmp_path / "stock"))
+    began = time.monotonic()
+    ours = redis_pool.run("--module", "tests.pipelines", "ExitsOrInterrupts", "--out", str(tmp_path / "ours"),
+                          "--workers", "2", timeout=120)  # fmt: skip
+    # Then both fail them, with the same summary and exit code, soon (not redelivered again and again)
+    assert (stock.returncode, ours.returncode) == (30, 30), ours.stdout[-3000:]
+    assert summary(ours.stdout, tmp_path / "ours") == summary(stock.stdout, tmp_path / "stock")
+    assert time.monotonic() - began < 60
+    # and each ran once, SystemExit with the events stock Luigi fires (on_failure: FAILURE), and
+    # KeyboardInterrupt with none (stock Luigi's child dies of it, and its worker may start it
+    # again several times before the run ends: once is enough)
+    theirs = sorted((event, task) for event, task, _ in events(tmp_path / "stock"))
+    ours_events = sorted((event, task) for event, task, _ in events(tmp_path / "ours"))
+    exits = [(event, task) for event, task in ours_events if task.startswith("ExitsInRun")]
+    assert exits == [(event, task) for event, task in theirs if task.startswith("ExitsInRun")]
+    assert [event for event, _ in exits] == ["FAILURE", "START"]
+    assert [event for event, task in ours_events if task.startswith("InterruptsInRun")] == ["START"]
+    assert {event for event, task in theirs if task.startswith("InterruptsInRun")} == {"START"}
