@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 
 from luigi_celery import message as m
 from luigi_celery import signing
@@ -92,7 +92,9 @@ class ExecuteTask(Task):
             return  # the dispatcher has its FAILED reply already
         if msg is None or isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
             return  # a lost worker's message is requeued: it will run and reply
-        if isinstance(exc, TimeLimitExceeded):
+        if isinstance(exc, TimeLimitExceeded | SoftTimeLimitExceeded):
+            # (a soft limit that ran out before run() began: while the task was rebuilt, or its
+            # run lock taken; Luigi says a task that runs out of time timed out, and fires TIMEOUT)
             seconds = kwargs["message"].get("worker_timeout")
             result = dataclasses.replace(failed_result(msg, timeout_explanation(msg.task_id, seconds)), event="timeout")
         else:

@@ -139,6 +139,8 @@ def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.Resu
         task = luigi.worker.load_task(msg.module, msg.family, msg.params)
     except ImportError as e:
         return failed_result(msg, f"cannot import module {msg.module!r} on worker {socket.gethostname()}: {e}")
+    except SoftTimeLimitExceeded:
+        raise  # its worker_timeout ran out while it was being rebuilt: a timeout, not a bad task
     except TaskClassException as e:
         return failed_result(msg, f"no task family {msg.family!r} in module {msg.module!r}: {e}")
     except Exception:
@@ -236,5 +238,7 @@ def _already_complete(task: luigi.Task) -> bool:
         return False  # no outputs: Luigi's complete() is False (and warns, as the dispatcher already did)
     try:
         return bool(task.complete())
+    except SoftTimeLimitExceeded:
+        raise
     except Exception:
         return False  # let the run itself meet (and report) the error

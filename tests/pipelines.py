@@ -389,3 +389,19 @@ class ExitsOrInterrupts(luigi.WrapperTask):
 
     def requires(self):
         return [ExitsInRun(out=self.out), InterruptsInRun(out=self.out)]
+
+
+class SlowToRebuild(OutTask):
+    """Its worker_timeout runs out while a Celery worker rebuilds it, before run() starts."""
+
+    worker_timeout = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import multiprocessing
+
+        if multiprocessing.current_process().name.startswith("ForkPoolWorker"):  # (on a worker only)
+            time.sleep(4)
+
+    def run(self):
+        self.write()

@@ -253,3 +253,13 @@ def test_a_task_that_raises_systemexit_or_keyboardinterrupt_fails_once_as_under_
     assert [event for event, _ in exits] == ["FAILURE", "START"]
     assert [event for event, task in ours_events if task.startswith("InterruptsInRun")] == ["START"]
     assert {event for event, task in theirs if task.startswith("InterruptsInRun")} == {"START"}
+
+
+def test_a_worker_timeout_that_runs_out_before_run_starts_is_a_timeout(redis_pool, tmp_path):
+    # Given a task whose 1 s worker_timeout runs out while its worker rebuilds it
+    result = redis_pool.run("--module", "tests.pipelines", "SlowToRebuild", "--out", str(tmp_path), timeout=120)
+    # Then it timed out, in Luigi's words, with Luigi's TIMEOUT event, and nothing ran
+    assert result.returncode == 30, result.stdout[-3000:]
+    assert "timed out after 1 seconds and was terminated" in result.stdout
+    assert "SoftTimeLimitExceeded" not in result.stdout and "cannot rebuild" not in result.stdout
+    assert [event for event, _, _ in events(tmp_path)] == ["TIMEOUT"]
