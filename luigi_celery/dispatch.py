@@ -177,7 +177,8 @@ class CeleryWorker(luigi.worker.Worker):
 
         Its checks, events, ``on_success`` and result are Luigi's; its result goes on the
         same queue as the replies from Celery."""
-        process = luigi.worker.TaskProcess(
+        process = luigi.worker.ContextManagedTaskProcess(
+            self._config.task_process_context,  # ([worker] task_process_context, entered around run())
             task,
             self._id,
             self._task_result_queue,

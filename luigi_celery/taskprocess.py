@@ -78,8 +78,9 @@ class _OneResult:
         self.item = item
 
 
-class _WorkerTaskProcess(luigi.worker.TaskProcess):
-    """Luigi's TaskProcess, run in-process; reports a soft time limit as a timeout."""
+class _WorkerTaskProcess(luigi.worker.ContextManagedTaskProcess):
+    """Luigi's task process, run in this pool process: it enters the worker's ``[worker]
+    task_process_context`` around ``run()`` as Luigi does, and reports a soft time limit as a timeout."""
 
     timed_out = False
     timeout_seconds: float | None = None
@@ -180,6 +181,7 @@ def run_task(
 
     outcome = _OneResult()
     process = _WorkerTaskProcess(
+        luigi.worker.worker().task_process_context,  # this worker's luigi config, read at each start
         task,
         msg.run_id,
         outcome,

@@ -405,3 +405,25 @@ class SlowToRebuild(OutTask):
 
     def run(self):
         self.write()
+
+
+class RecordsContext:
+    """A [worker] task_process_context: says when it is entered and left around run()."""
+
+    def __init__(self, process):
+        self.task = process.task
+
+    def __enter__(self):
+        _log_event(self.task.out, "ENTER", self.task.task_id)
+
+    def __exit__(self, *exc):
+        _log_event(self.task.out, "EXIT", self.task.task_id)
+
+
+class InContext(luigi.WrapperTask):
+    """A wrapper (run by the dispatcher) around a task a worker runs, both inside the context."""
+
+    out = luigi.Parameter(significant=False)
+
+    def requires(self):
+        return Succeeds(out=self.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, clean_env, run_cli
+from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -263,3 +263,26 @@ def test_a_worker_timeout_that_runs_out_before_run_starts_is_a_timeout(redis_poo
     assert "timed out after 1 seconds and was terminated" in result.stdout
     assert "SoftTimeLimitExceeded" not in result.stdout and "cannot rebuild" not in result.stdout
     assert [event for event, _, _ in events(tmp_path)] == ["TIMEOUT"]
+
+
+def test_the_task_process_context_is_entered_around_run_as_under_stock_luigi(fresh_pool, tmp_path):
+    # Given [worker] task_process_context in the luigi config of the dispatcher and of the workers
+    config = tmp_path / "luigi.cfg"
+    config.write_text("[worker]\ntask_process_context = tests.pipelines.RecordsContext\n")
+    pool = fresh_pool(REDIS_URL, count=1, LUIGI_CONFIG_PATH=str(config))
+    stock = subprocess.run(
+        [str(BIN / "luigi"), "--module", "tests.pipelines", "InContext", "--out", str(tmp_path / "stock"),
+         "--local-scheduler", "--workers", "2"],
+        cwd=ROOT, env=clean_env(LUIGI_CONFIG_PATH=str(config)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    # When luigi-celery runs the same wrapper (finished in the dispatcher) and its task (on a worker)
+    ours = pool.run("--module", "tests.pipelines", "InContext", "--out", str(tmp_path / "ours"))
+    assert ours.returncode == 0, ours.stdout[-3000:]
+    # Then each was run inside the context, as under stock Luigi, and the task's run() within it
+    theirs = [(event, task) for event, task, _ in events(tmp_path / "stock")]
+    mine = [(event, task) for event, task, _ in events(tmp_path / "ours")]
+    assert sorted(mine) == sorted(theirs)
+    succeeds = [event for event, task in mine if task.startswith("Succeeds")]
+    assert succeeds == ["ENTER", "START", "SUCCESS", "EXIT"]
+    assert [event for event, task in mine if task.startswith("InContext")] == ["ENTER", "EXIT"]

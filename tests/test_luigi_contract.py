@@ -411,3 +411,24 @@ def test_a_complete_check_that_raises_ends_the_same_with_checks_at_once():
     # Luigi's scheduling error for the broken leaf, the other eleven run, in both
     assert alone.status == together.status == luigi.LuigiStatusCode.SCHEDULING_FAILED
     assert sent_alone == sent_together and len(sent_together) == 11
+
+
+def test_luigis_worker_checks_are_read_when_luigi_starts_each_task():
+    # Given a worker whose [worker] checks change after it was built (as Luigi's own tests do)
+    seen = []
+
+    class RecordingSender(InstantSender):
+        def send(self, flight):
+            seen.append((flight.check_unfulfilled_deps, flight.check_complete_on_run))
+            super().send(flight)
+
+    sender = RecordingSender()
+    ContractLeaf.done.clear()
+    worker = CeleryWorker(scheduler=luigi.scheduler.Scheduler(), worker_processes=1, sender=sender)  # type: ignore[arg-type]
+    with worker:
+        worker._config.check_unfulfilled_deps = False
+        worker._config.check_complete_on_run = True
+        worker.add(ContractLeaf(n=7))
+        worker.run()
+    # Then the task went out with the checks as they were when Luigi started it
+    assert seen == [(False, True)]
