@@ -235,12 +235,13 @@ def register_execute(
             if lease.holder is not None:
                 tell(hooks, "finished", run, "duplicate", None)
                 return f"duplicate: {msg.task_id} is already running as {lease.holder}"
-            # A repeat delivery (a later attempt, a redelivered message, an id seen
-            # started before) may find its work done: then it answers DONE, not runs.
-            # A first delivery always runs, as under stock Luigi (a wrapper task is
-            # complete when dispatched, yet Luigi runs it and fires its events).
+            # A repeat delivery (published again for a lost worker, a redelivered message,
+            # an id seen started before, a retry) may find its work done: then it answers
+            # DONE, not runs. Whatever Luigi sends always runs, as under stock Luigi: a
+            # wrapper task is complete when dispatched, yet Luigi runs it and fires its
+            # events; a task resumed after its dynamic dependencies runs run() again.
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-            repeat = lease.seen_before or msg.attempt > 1 or redelivered or msg.failures > 0
+            repeat = lease.seen_before or msg.republished or redelivered or msg.failures > 0
             began = time.monotonic()
             notice = _timers.call_later(STARTED_NOTICE_AFTER, functools.partial(_started, publish, msg))
             try:

@@ -142,6 +142,9 @@ class TaskMessage:
     worker_timeout: float | None = None
     # Failed attempts so far (retries with backoff), carried by the re-queued message.
     failures: int = 0
+    # Published again by the dispatcher because its worker died or never took it (not by Luigi):
+    # a worker answers DONE without running it when its work turns out to be done.
+    republished: bool = False
     # The rate-limit slot this task holds (on the limiter's clock): start then, not much later.
     rate_slot: float | None = None
     # When it was published, or when its countdown ends (wall clock, seconds since the
@@ -192,6 +195,7 @@ class TaskMessage:
             check_complete_on_run=_require(data, "check_complete_on_run", (bool,)),
             worker_timeout=worker_timeout,
             failures=failures,
+            republished=_require(data, "republished", (bool,)),
             rate_slot=_require(data, "rate_slot", (int, float), nullable=True),
             sent_at=_require(data, "sent_at", (int, float), nullable=True),
             session=session,

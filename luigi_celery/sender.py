@@ -12,6 +12,7 @@ the monitor of lost tasks (monitor.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -197,6 +198,7 @@ class Sender:
             return  # its reply arrived meanwhile
         tracked.started, tracked.lock_gone_since, tracked.waiting_since = False, None, time.monotonic()
         tracked.hold_until = 0.0
+        tracked.msg = dataclasses.replace(tracked.msg, republished=True)
         self._publish(tracked)
 
     def _publish(self, tracked: Tracked, delay: float = 0.0, batched: bool = False) -> None:

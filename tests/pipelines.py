@@ -427,3 +427,12 @@ class InContext(luigi.WrapperTask):
 
     def requires(self):
         return Succeeds(out=self.out)
+
+
+class WritesThenYields(OutTask):
+    """Complete before its dynamic dependency is done: Luigi still runs run() again to resume it."""
+
+    def run(self):
+        self.write("early")
+        yield Succeeds(out=str(Path(self.out, "dep")))
+        _log_event(self.out, "RESUMED", self.task_id)

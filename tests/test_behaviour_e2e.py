@@ -286,3 +286,14 @@ def test_the_task_process_context_is_entered_around_run_as_under_stock_luigi(fre
     succeeds = [event for event, task in mine if task.startswith("Succeeds")]
     assert succeeds == ["ENTER", "START", "SUCCESS", "EXIT"]
     assert [event for event, task in mine if task.startswith("InContext")] == ["ENTER", "EXIT"]
+
+
+def test_a_task_resumed_after_its_dynamic_dependencies_runs_run_again_as_under_stock_luigi(redis_pool, tmp_path):
+    # Given a task whose output exists before it yields its dynamic dependency
+    stock = stock_luigi("--module", "tests.pipelines", "WritesThenYields", "--out", str(tmp_path / "stock"))
+    ours = redis_pool.run("--module", "tests.pipelines", "WritesThenYields", "--out", str(tmp_path / "ours"))
+    assert (stock.returncode, ours.returncode) == (0, 0), ours.stdout[-3000:]
+    # Then, sent again once the dependency is done, its run() is resumed (not skipped as complete)
+    theirs = [(event, task) for event, task, _ in events(tmp_path / "stock")]
+    assert [(event, task) for event, task, _ in events(tmp_path / "ours")] == theirs
+    assert ("RESUMED", "WritesThenYields__99914b932b") in theirs
