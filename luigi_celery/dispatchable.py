@@ -13,13 +13,13 @@ from luigi.task_register import Register, TaskClassException
 from luigi_celery.errors import DispatchRefused
 
 
-def _check_class(task_cls: type[luigi.Task]) -> None:
+def _check_class(task_cls: type[luigi.Task], local_ok: bool = False) -> None:
     family = task_cls.get_task_family()
     if task_cls.__module__ == "__main__":
         raise DispatchRefused(
             f"{family} is defined in __main__, which a worker cannot import: move it to a module and pass --module"
         )
-    if "<locals>" in task_cls.__qualname__:
+    if "<locals>" in task_cls.__qualname__ and not local_ok:
         raise DispatchRefused(
             f"{family} is defined inside a function ({task_cls.__qualname__}), "
             "so a worker cannot import it: define it at module level"
@@ -27,19 +27,23 @@ def _check_class(task_cls: type[luigi.Task]) -> None:
     try:
         registered = Register.get_task_cls(family)
     except TaskClassException as e:
-        raise DispatchRefused(f"{family} cannot be looked up by its family name on a worker: {e}") from e
+        where = f" (it is defined inside a function, {task_cls.__qualname__}: define it at module level)"
+        where = where if "<locals>" in task_cls.__qualname__ else ""
+        raise DispatchRefused(f"{family} cannot be looked up by its family name on a worker: {e}{where}") from e
     if registered is not task_cls:
         raise DispatchRefused(f"{family} names another class in Luigi's registry ({registered.__module__})")
 
 
-def check_dispatchable(task: luigi.Task) -> dict[str, str]:
+def check_dispatchable(task: luigi.Task, local_ok: bool = False) -> dict[str, str]:
     """Return the task's str params if a worker can rebuild exactly this task.
 
     Raises :class:`DispatchRefused`, naming the task and the parameter, when
     the class is not importable by name or a parameter does not survive the
     trip through its string form (the only form that crosses the broker).
+    ``local_ok`` lets a class defined inside a function through: the embedded
+    worker, on this machine, finds it if importing its module defines it.
     """
-    _check_class(type(task))
+    _check_class(type(task), local_ok)
     for name, param in task.get_params():
         value = task.param_kwargs[name]
         if param.visibility == ParameterVisibility.PRIVATE:

@@ -39,7 +39,7 @@ KWARGSREPR_MAX = 1024
 PUBLISH_BATCH = 100
 
 
-def track(flight: Flight, default_queue: str, **fields: Any) -> Tracked:
+def track(flight: Flight, default_queue: str, local_ok: bool = False, **fields: Any) -> Tracked:
     """The record of ``flight``'s task on its way: its message (the run's ``fields``, and the
     task's: its parameters, its time limit, Luigi's [worker] checks as Luigi started it) and how
     it is published (its queue, priority and time limits).
@@ -47,7 +47,7 @@ def track(flight: Flight, default_queue: str, **fields: Any) -> Tracked:
     Raises :class:`DispatchRefused` for a task a worker could not rebuild, and
     :class:`ConfigError` for bad per-task options."""
     task = flight.task
-    params = check_dispatchable(task)
+    params = check_dispatchable(task, local_ok)
     options = task_options(type(task))
     msg = m.TaskMessage(
         task_id=task.task_id, module=task.task_module, family=task.task_family, params=params, attempt=1,

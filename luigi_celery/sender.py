@@ -159,7 +159,7 @@ class Sender:
             return
         try:
             run = {"run_id": self.run_id, "reply_to": self.reply_to, "session": self.session}
-            tracked = track(flight, self.settings.queue, **run)
+            tracked = track(flight, self.settings.queue, local_ok=self.settings.embedded, **run)
         except (DispatchRefused, ConfigError) as e:
             self._fail(flight, f"luigi-celery refused to dispatch {task.task_id}: {e}")
             return

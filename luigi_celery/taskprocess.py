@@ -143,7 +143,11 @@ def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.Resu
     except SoftTimeLimitExceeded:
         raise  # its worker_timeout ran out while it was being rebuilt: a timeout, not a bad task
     except TaskClassException as e:
-        return failed_result(msg, f"no task family {msg.family!r} in module {msg.module!r}: {e}")
+        hint = (
+            "; a class defined inside a function exists only once that function ran: importing its "
+            "module must define it, or move it to module level"
+        )
+        return failed_result(msg, f"no task family {msg.family!r} in module {msg.module!r}: {e}{hint}")
     except Exception:
         return failed_result(msg, f"cannot rebuild {msg.family} from its parameters:\n{traceback.format_exc()}")
     if task.task_module != msg.module:

@@ -436,3 +436,15 @@ class WritesThenYields(OutTask):
         self.write("early")
         yield Succeeds(out=str(Path(self.out, "dep")))
         _log_event(self.out, "RESUMED", self.task_id)
+
+
+def make_task_class():
+    class MadeByAFactory(OutTask):
+        def run(self):
+            self.write()
+
+    return MadeByAFactory
+
+
+# Defined inside a function, and by importing this module: a worker on this machine finds it.
+MadeByAFactory = make_task_class()

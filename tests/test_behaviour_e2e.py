@@ -297,3 +297,15 @@ def test_a_task_resumed_after_its_dynamic_dependencies_runs_run_again_as_under_s
     theirs = [(event, task) for event, task, _ in events(tmp_path / "stock")]
     assert [(event, task) for event, task, _ in events(tmp_path / "ours")] == theirs
     assert ("RESUMED", "WritesThenYields__99914b932b") in theirs
+
+
+def test_the_embedded_default_runs_a_class_defined_inside_a_function_its_module_defines(tmp_path):
+    # Given a task class made inside a function when its module is imported
+    ours = run_cli("run", "--module", "tests.pipelines", "MadeByAFactory", "--out", str(tmp_path / "made"))
+    # Then the embedded worker runs it
+    assert ours.returncode == 0, ours.stdout[-3000:]
+    assert list((tmp_path / "made").glob("MadeByAFactory_*.txt"))
+    # and one made anew each time a task's requires() runs fails, saying how to fix it
+    local = run_cli("run", "--module", "tests.pipelines", "NeedsLocal", "--out", str(tmp_path / "local"))
+    assert local.returncode == 30, local.stdout[-3000:]
+    assert "DefinedInAFunction" in local.stdout and "define it at module level" in local.stdout
