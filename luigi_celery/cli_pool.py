@@ -38,11 +38,7 @@ def cmd_worker(args: argparse.Namespace, celery_argv: list[str]) -> int:
         from celery import Celery
 
         print_help_header("worker", "celery worker")
-        try:
-            Celery("luigi_celery", set_as_current=False).start(["worker", "--help"])
-        except SystemExit:
-            pass
-        return EXIT_OK
+        return _start_celery(Celery("luigi_celery", set_as_current=False), ["worker", "--help"])
     settings = settings_from(args)
     metrics = None
     # (an embedded worker inherits the dispatcher's settings: the port is the dispatcher's)

@@ -162,12 +162,13 @@ def test_the_stores_ping_scrubs_what_redis_says() -> None:
 class _FailingConnection:
     def __init__(self, error: Exception) -> None:
         self.error = error
+        self.released = False
 
     def ensure_connection(self, **_: object) -> None:
         raise self.error
 
     def release(self) -> None:
-        pass
+        self.released = True
 
 
 class _Conf:
@@ -177,18 +178,24 @@ class _Conf:
 class _App:
     conf = _Conf()
 
+    def __init__(self) -> None:
+        self.connection = _FailingConnection(OSError("cannot resolve Qw8 (from guest:Kp@Qw8/Rt5)"))
+
     def connection_for_write(self) -> _FailingConnection:
-        return _FailingConnection(OSError("cannot resolve Qw8 (from guest:Kp@Qw8/Rt5)"))
+        return self.connection
 
 
 def test_check_broker_scrubs_what_kombu_says() -> None:
     # Given a broker whose connection fails with a message that quotes the password and a piece of it
     # When luigi-celery checks the broker
+    app = _App()
     with pytest.raises(BrokerUnavailable) as raised:
-        check_broker(_App(), timeout=1)
+        check_broker(app, timeout=1)
 
     # Then neither is in the error, which says what to do
     message = str(raised.value)
     assert "Kp@" not in message and "Qw8" not in message and "Rt5" not in message
     assert message.startswith("cannot reach the broker at amqp://guest:****@127.0.0.1:5672//: cannot resolve ****")
     assert "must be percent-encoded" in message
+    # and the connection it opened is let go
+    assert app.connection.released
