@@ -162,6 +162,7 @@ class CeleryWorker(luigi.worker.Worker):
         return CeleryTaskProcess(
             task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure,
             self._running, self._config.check_unfulfilled_deps, self._config.check_complete_on_run,
+            self._config.cache_task_completion,
         )  # fmt: skip
 
     def _running(self, task_id: str, running: bool) -> None:

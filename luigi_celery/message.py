@@ -138,6 +138,9 @@ class TaskMessage:
     # The dispatcher's Luigi [worker] settings that change how a task runs.
     check_unfulfilled_deps: bool = True
     check_complete_on_run: bool = False
+    # [worker] cache_task_completion: a worker remembers, for this dispatcher's session, the
+    # tasks it saw complete, and does not check them again (as Luigi's worker does in its run).
+    cache_task_completion: bool = False
     # Luigi's worker_timeout for this task (None: no limit); Celery enforces it.
     worker_timeout: float | None = None
     # Failed attempts so far (retries with backoff), carried by the re-queued message.
@@ -193,6 +196,7 @@ class TaskMessage:
             reply_to=_require(data, "reply_to", (str,)),
             check_unfulfilled_deps=_require(data, "check_unfulfilled_deps", (bool,)),
             check_complete_on_run=_require(data, "check_complete_on_run", (bool,)),
+            cache_task_completion=_require(data, "cache_task_completion", (bool,)),
             worker_timeout=worker_timeout,
             failures=failures,
             republished=_require(data, "republished", (bool,)),

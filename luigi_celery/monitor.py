@@ -52,6 +52,7 @@ class Flight(Protocol):
     # Luigi's [worker] settings as they were when Luigi started the task
     check_unfulfilled_deps: bool
     check_complete_on_run: bool
+    cache_task_completion: bool
 
     def on_result(self, result: m.ResultMessage) -> None: ...
 

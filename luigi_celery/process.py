@@ -111,6 +111,7 @@ class CeleryTaskProcess:
         on_running: Callable[[str, bool], None] = lambda task_id, running: None,
         check_unfulfilled_deps: bool = True,
         check_complete_on_run: bool = False,
+        cache_task_completion: bool = False,
     ) -> None:
         self.task = task
         self.status_reporter = status_reporter
@@ -118,6 +119,7 @@ class CeleryTaskProcess:
         # Luigi's [worker] settings as they are when Luigi starts the task, travelling with it
         self.check_unfulfilled_deps = check_unfulfilled_deps
         self.check_complete_on_run = check_complete_on_run
+        self.cache_task_completion = cache_task_completion
         self._sender = sender
         self._results = results
         self._on_failed = on_failed

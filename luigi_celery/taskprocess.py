@@ -10,6 +10,7 @@ side that touches Luigi's private API (``TaskProcess._handle_run_exception``);
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import socket
@@ -116,6 +117,35 @@ def _worker_config() -> luigi.worker.worker:
     return luigi.worker.worker()
 
 
+class _CompletionCache(dict[str, bool]):
+    """Luigi's completion cache for one dispatcher's session: the tasks seen complete.
+
+    Full at :data:`COMPLETION_CACHE_SIZE` entries: later ones are checked each time."""
+
+    def __setitem__(self, task_id: str, complete: bool) -> None:
+        if len(self) < COMPLETION_CACHE_SIZE or task_id in self:
+            super().__setitem__(task_id, complete)
+
+
+COMPLETION_CACHE_SIZE = 100_000
+# A pool process keeps the caches of this many sessions (the most recent ones).
+COMPLETION_CACHE_SESSIONS = 4
+_completion_caches: collections.OrderedDict[str, _CompletionCache] = collections.OrderedDict()
+
+
+def completion_cache(msg: m.TaskMessage) -> dict[str, bool] | None:
+    """The completion cache for ``msg``'s task, when its dispatcher has ``[worker]
+    cache_task_completion`` on: one per dispatcher session, as Luigi's worker keeps one for its
+    run (a cache kept across sessions would call a task complete after its output was removed)."""
+    if not msg.cache_task_completion or msg.session is None:
+        return None
+    cache = _completion_caches.pop(msg.session, None)
+    _completion_caches[msg.session] = cache = cache if cache is not None else _CompletionCache()
+    while len(_completion_caches) > COMPLETION_CACHE_SESSIONS:
+        _completion_caches.popitem(last=False)
+    return cache
+
+
 def shutting_down() -> bool:
     """True once this pool process's own terminate handler has fired (billiard raises SystemExit
     from it): an exit then is the pool's, not the task's."""
@@ -200,6 +230,7 @@ def run_task(
         RemoteStatusReporter(publish, msg),
         check_unfulfilled_deps=msg.check_unfulfilled_deps,
         check_complete_on_run=msg.check_complete_on_run,
+        task_completion_cache=completion_cache(msg),
     )
     process.timeout_seconds = msg.worker_timeout
     process.retry, process.failures = retry, msg.failures

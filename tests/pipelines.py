@@ -438,6 +438,30 @@ class WritesThenYields(OutTask):
         _log_event(self.out, "RESUMED", self.task_id)
 
 
+def _on_a_worker() -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().name.startswith("ForkPoolWorker")
+
+
+class ChecksLogged(OutTask):
+    """Logs each complete() check made on a worker as CHECKED."""
+
+    def complete(self):
+        if _on_a_worker():
+            _log_event(self.out, "CHECKED", self.task_id)
+        return super().complete()
+
+    def run(self):
+        self.write()
+
+
+class YieldsChecksLogged(OutTask):
+    def run(self):
+        yield ChecksLogged(out=self.out)
+        self.write()
+
+
 def make_task_class():
     class MadeByAFactory(OutTask):
         def run(self):

@@ -299,6 +299,19 @@ def test_a_task_resumed_after_its_dynamic_dependencies_runs_run_again_as_under_s
     assert ("RESUMED", "WritesThenYields__99914b932b") in theirs
 
 
+def test_the_completion_cache_of_the_dispatchers_config_spares_a_workers_checks(fresh_pool, brokers, tmp_path):
+    # Given a dispatcher with [worker] cache_task_completion on, and one worker process
+    config = tmp_path / "luigi.cfg"
+    config.write_text("[worker]\ncache_task_completion = true\n")
+    pool = fresh_pool(brokers["redis"], count=1, concurrency=1, LUIGI_CONFIG_PATH=str(config))
+    # When a task yields a dynamic dependency, which then runs, and the task resumes
+    ours = pool.run("--module", "tests.pipelines", "YieldsChecksLogged", "--out", str(tmp_path))
+    assert ours.returncode == 0, ours.stdout[-3000:]
+    # Then the worker checked the dependency once, before it ran: Luigi's cache knew it complete after
+    mine = [event for event, task, _ in events(tmp_path) if task.startswith("ChecksLogged")]
+    assert mine == ["CHECKED", "START", "SUCCESS"]
+
+
 def test_the_embedded_default_runs_a_class_defined_inside_a_function_its_module_defines(tmp_path):
     # Given a task class made inside a function when its module is imported
     ours = run_cli("run", "--module", "tests.pipelines", "MadeByAFactory", "--out", str(tmp_path / "made"))

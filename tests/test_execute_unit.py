@@ -237,6 +237,43 @@ def test_a_dynamic_dependency_that_is_complete_lets_the_task_finish(tmp_path: Pa
     assert (tmp_path / "parent.txt").exists()
 
 
+def test_the_completion_cache_spares_checks_within_one_dispatcher_session(tmp_path: Path, replies: Replies) -> None:
+    # Given a dynamic dependency that counts its complete() checks, run in session 1 with
+    # [worker] cache_task_completion on (as Luigi's worker, its run fills the cache)
+    child = unit_tasks.CountsChecks(root=str(tmp_path))
+    parent = unit_tasks.YieldsCounted(root=str(tmp_path))
+    cached = {"cache_task_completion": True, "session": "session-1"}
+    assert run(message_for(child, **cached), replies).status == m.DONE
+    checks = child.checks()
+    # When its parent resumes in the same session, with the cache on
+    assert run(message_for(parent, **cached), replies).status == m.DONE
+    # Then the dependency is not checked again
+    assert child.checks() == checks
+    # But it is with the cache off, and in another session (its cache may not hold there)
+    run(message_for(parent, cache_task_completion=False, session="session-1"), replies)
+    assert child.checks() == checks + 1
+    run(message_for(parent, cache_task_completion=True, session="session-2"), replies)
+    assert child.checks() == checks + 2
+
+
+def test_a_worker_keeps_the_completion_caches_of_a_few_sessions_each_bounded(monkeypatch) -> None:
+    from luigi_celery import taskprocess
+
+    monkeypatch.setattr(taskprocess, "_completion_caches", type(taskprocess._completion_caches)())
+    monkeypatch.setattr(taskprocess, "COMPLETION_CACHE_SIZE", 2)
+    task = unit_tasks.PlainParameter(value="a")
+    caches = [taskprocess.completion_cache(message_for(task, cache_task_completion=True, session=f"s{n}"))
+              for n in range(taskprocess.COMPLETION_CACHE_SESSIONS + 1)]  # fmt: skip
+    assert len(taskprocess._completion_caches) == taskprocess.COMPLETION_CACHE_SESSIONS
+    assert "s0" not in taskprocess._completion_caches  # the oldest went
+    cache = caches[-1]
+    assert cache is not None
+    for task_id in ("t1", "t2", "t3"):
+        cache[task_id] = True
+    assert sorted(cache) == ["t1", "t2"]  # full: the third is checked each time
+    assert taskprocess.completion_cache(message_for(task, session="s9")) is None  # (the cache is off)
+
+
 def test_a_dependency_missing_at_run_time_fails_the_task(tmp_path: Path, replies: Replies) -> None:
     # Given a task whose (external) dependency has no output
     task = unit_tasks.NeedsExternalData(root=str(tmp_path))

@@ -419,7 +419,7 @@ def test_luigis_worker_checks_are_read_when_luigi_starts_each_task():
 
     class RecordingSender(InstantSender):
         def send(self, flight):
-            seen.append((flight.check_unfulfilled_deps, flight.check_complete_on_run))
+            seen.append((flight.check_unfulfilled_deps, flight.check_complete_on_run, flight.cache_task_completion))
             super().send(flight)
 
     sender = RecordingSender()
@@ -428,7 +428,8 @@ def test_luigis_worker_checks_are_read_when_luigi_starts_each_task():
     with worker:
         worker._config.check_unfulfilled_deps = False
         worker._config.check_complete_on_run = True
+        worker._config.cache_task_completion = True
         worker.add(ContractLeaf(n=7))
         worker.run()
     # Then the task went out with the checks as they were when Luigi started it
-    assert seen == [(False, True)]
+    assert seen == [(False, True, True)]

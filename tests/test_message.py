@@ -230,6 +230,7 @@ def test_from_dict_rejects_a_message_with_a_missing_field(
         ("check_unfulfilled_deps", "yes"),
         ("check_unfulfilled_deps", 1),
         ("check_complete_on_run", None),
+        ("cache_task_completion", "true"),
         ("worker_timeout", "30"),
         ("worker_timeout", True),
         ("sent_at", "now"),

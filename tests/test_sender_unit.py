@@ -30,6 +30,7 @@ UNREACHABLE = "redis://:s3cret@127.0.0.1:1/0"
 class Flight:
     check_unfulfilled_deps = True
     check_complete_on_run = False
+    cache_task_completion = False
 
     def __init__(self, task: luigi.Task) -> None:
         self.task = task

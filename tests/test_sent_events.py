@@ -94,7 +94,7 @@ def test_the_dispatcher_sends_its_task_sent_events_through_the_batches(app, monk
     class Flight:
         task = luigi.Task()
         worker_timeout = None
-        check_unfulfilled_deps, check_complete_on_run = True, False
+        check_unfulfilled_deps, check_complete_on_run, cache_task_completion = True, False, False
 
         def on_result(self, result):
             raise AssertionError(result.expl)

@@ -145,6 +145,34 @@ class DynamicParent(luigi.Task):
         _touch(self.root, "parent.txt")
 
 
+class CountsChecks(luigi.Task):
+    """A dynamic dependency that counts its complete() checks in root/checks.txt."""
+
+    root = luigi.Parameter(significant=False)
+
+    def output(self) -> luigi.LocalTarget:
+        return _target(self.root, "counted.txt")
+
+    def complete(self) -> bool:
+        with open(os.path.join(self.root, "checks.txt"), "a") as f:
+            f.write("checked\n")
+        return super().complete()
+
+    def run(self) -> None:
+        _touch(self.root, "counted.txt")
+
+    def checks(self) -> int:
+        path = os.path.join(self.root, "checks.txt")
+        return len(open(path).read().split()) if os.path.exists(path) else 0
+
+
+class YieldsCounted(luigi.Task):
+    root = luigi.Parameter(significant=False)
+
+    def run(self):
+        yield CountsChecks(root=self.root)
+
+
 class ExternalData(luigi.ExternalTask):
     """Data made outside the pipeline: complete when root/external.txt exists."""
 
