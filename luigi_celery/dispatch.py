@@ -21,6 +21,7 @@ WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import queue
 import traceback
@@ -153,17 +154,31 @@ class CeleryWorker(luigi.worker.Worker):
             self._progress.progress.reported(kwargs["task_id"], kwargs["status"])
 
     def _create_task_process(self, task: luigi.Task) -> CeleryTaskProcess | luigi.worker.TaskProcess:
-        reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
         if nothing_to_run(task):
             self._running(task.task_id, True)  # it runs here, now
+            messages: queue.Queue[Any] | None = queue.Queue() if task.accepts_messages else None
+            reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, messages)
             return self._in_process(task, reporter)
         self._running(task.task_id, False)  # queued, until a worker says it runs it
+        reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
+        # a response to a message from the scheduler (relayed by dispatch_scheduler_message)
+        answer = functools.partial(self._scheduler.add_scheduler_message_response, task.task_id)
         return CeleryTaskProcess(
             task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure,
             self._running, self._config.check_unfulfilled_deps, self._config.check_complete_on_run,
-            self._config.cache_task_completion,
+            self._config.cache_task_completion, answer=answer if task.accepts_messages else None,
         )  # fmt: skip
+
+    @luigi.worker.rpc_message_callback
+    def dispatch_scheduler_message(self, task_id: str, message_id: str, content: Any, **kwargs: Any) -> None:
+        """A message from the scheduler for a running task (Luigi's keep-alive thread calls this):
+        relayed to the worker that runs it; a task run here gets it as under Luigi."""
+        process = self._running_tasks.get(str(task_id))
+        if isinstance(process, CeleryTaskProcess):
+            process.relay(str(message_id), content, kwargs)
+        else:
+            super().dispatch_scheduler_message(task_id, message_id, content, **kwargs)
 
     def _running(self, task_id: str, running: bool) -> None:
         """Progress: ``task_id`` runs now (True) or waits in a queue (False)."""

@@ -24,11 +24,12 @@ from luigi_celery import message as m
 from luigi_celery import signing
 from luigi_celery.errors import ConfigError, LuigiTaskFailed, MessageError
 from luigi_celery.hooks import Hold, Run, RunHook, first_hold, tell
+from luigi_celery.inbox import inbox_for
 from luigi_celery.metrics import WorkerMetrics
 from luigi_celery.options import task_options
 from luigi_celery.ratelimit import Limiter, RateGate
 from luigi_celery.results import publish_reply
-from luigi_celery.retry import Retries
+from luigi_celery.retry import Retries, RetryPolicy
 from luigi_celery.runlock import run_lock
 from luigi_celery.settings import DEFAULT_LOCK_TTL
 from luigi_celery.store import Store
@@ -172,6 +173,27 @@ def _send_back(task: Task, publish: Publish, hooks: list[RunHook], run: Run, hol
     return task.retry(countdown=hold.seconds, max_retries=None, kwargs=again)  # (raises it, as Celery does)
 
 
+def _run(
+    app: Celery,
+    task: Any,
+    msg: m.TaskMessage,
+    publish: Publish,
+    secret: str | None,
+    repeat: bool,
+    retry: RetryPolicy | None,
+) -> tuple[m.ResultMessage, BaseException | None]:
+    """Run the task (see taskprocess.run_task), telling its dispatcher once it has run a moment,
+    with its inbox of messages from the scheduler open while it runs, if it accepts them."""
+    reporter = RemoteStatusReporter(publish, msg)
+    notice = _timers.call_later(STARTED_NOTICE_AFTER, functools.partial(_started, publish, msg))
+    try:
+        with inbox_for(app, task, msg, reporter.send, secret) as inbox:
+            reporter.scheduler_messages = inbox
+            return run_task(task, msg, reporter, skip_if_complete=repeat, retry=retry)
+    finally:
+        _timers.cancel(notice)
+
+
 def register_execute(
     app: Celery,
     allowed: tuple[str, ...],
@@ -243,11 +265,7 @@ def register_execute(
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             repeat = lease.seen_before or msg.republished or redelivered or msg.failures > 0
             began = time.monotonic()
-            notice = _timers.call_later(STARTED_NOTICE_AFTER, functools.partial(_started, publish, msg))
-            try:
-                result, retry_error = run_task(task, msg, publish, skip_if_complete=repeat, retry=run.options.retry)
-            finally:
-                _timers.cancel(notice)
+            result, retry_error = _run(self.app, task, msg, publish, secret, repeat, run.options.retry)
             if retry_error is None:
                 # Reply before the lock goes: a dispatcher that sees the lock gone finds the reply.
                 return _answer(publish, hooks, run, result, began)

@@ -91,6 +91,11 @@ class Ledger:
                 self._forget(tracked)
             return tracked
 
+    def current(self, flight: object) -> m.TaskMessage | None:
+        """The latest attempt of ``flight``'s task in flight, if it is in flight."""
+        with self._lock:
+            return next((t.msg for t in self._in_flight.values() if t.flight is flight), None)
+
     def snapshot(self) -> list[Tracked]:
         """Each task in flight, once."""
         with self._lock:

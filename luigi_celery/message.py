@@ -41,6 +41,8 @@ STATUS_FIELDS: dict[str, tuple[type, ...]] = {
     "retry_in": (int, float),
     # Not Luigi's: the task has been running on this host for a moment (queued and running differ).
     "started": (str,),
+    # The task's response to a message from the scheduler: {"message_id": str, "response": any JSON}.
+    "scheduler_message_response": (dict,),
 }
 
 # A timed-out task is reported FAILED with event "timeout", so the dispatcher
@@ -105,6 +107,13 @@ def _require(data: Mapping[str, Any], name: str, types: tuple[type, ...], *, nul
         expected = "/".join(t.__name__ for t in types)
         raise MessageError(f"field {name!r} must be {expected}, got {type(value).__name__}")
     return value
+
+
+def _present(data: Mapping[str, Any], name: str) -> Any:
+    """A field that may hold any JSON value (it came out of a JSON decoder)."""
+    if name not in data:
+        raise MessageError(f"missing field {name!r}")
+    return data[name]
 
 
 def _check_envelope(data: object, kinds: set[str]) -> Mapping[str, Any]:
@@ -283,11 +292,46 @@ class StatusMessage:
         name = _require(data, "field", (str,))
         if name not in STATUS_FIELDS:
             raise MessageError(f"unknown status field {name!r}")
+        value = _require(data, "value", STATUS_FIELDS[name])
+        if name == "scheduler_message_response":
+            _require(value, "message_id", (str,))
+            _present(value, "response")
         return cls(
             celery_id=_require(data, "celery_id", (str,)),
             task_id=_require(data, "task_id", (str,)),
             field=name,
-            value=_require(data, "value", STATUS_FIELDS[name]),
+            value=value,
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerNote:
+    """A message from the scheduler to a running task (Luigi's SchedulerMessage), which its
+    dispatcher relays to the attempt's inbox (inbox.py)."""
+
+    celery_id: str
+    task_id: str
+    message_id: str
+    content: Any  # what the scheduler was given: text from the visualiser, or any JSON
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    kind = "scheduler_message"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> SchedulerNote:
+        data = _check_envelope(data, {cls.kind})
+        payload = _require(data, "payload", (dict,))
+        if not all(isinstance(k, str) for k in payload):
+            raise MessageError("field 'payload' must have string keys")
+        return cls(
+            celery_id=_require(data, "celery_id", (str,)),
+            task_id=_require(data, "task_id", (str,)),
+            message_id=_require(data, "message_id", (str,)),
+            content=_present(data, "content"),
+            payload=dict(payload),
         )
 
 

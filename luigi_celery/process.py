@@ -112,7 +112,10 @@ class CeleryTaskProcess:
         check_unfulfilled_deps: bool = True,
         check_complete_on_run: bool = False,
         cache_task_completion: bool = False,
+        answer: Callable[[str, Any], None] | None = None,
     ) -> None:
+        """``answer(message_id, response)`` hands a response to a message from the scheduler to
+        the scheduler; None for a task that does not accept messages."""
         self.task = task
         self.status_reporter = status_reporter
         self.worker_timeout = worker_timeout
@@ -125,6 +128,8 @@ class CeleryTaskProcess:
         self._on_failed = on_failed
         self._on_running = on_running
         self._finished = False
+        self._answer = answer
+        self._relayed: set[str] = set()  # the ids of the scheduler's messages sent on to the task
 
     @property
     def exitcode(self) -> int | None:
@@ -143,6 +148,13 @@ class CeleryTaskProcess:
     def terminate(self) -> None:
         self._sender.revoke(self)
 
+    def relay(self, message_id: str, content: Any, payload: dict[str, Any]) -> None:
+        """Send a message from the scheduler on to the running task (Luigi's keep-alive thread
+        calls this); as Luigi's worker, drop it when the task does not accept messages."""
+        if self._answer is not None:
+            self._relayed.add(message_id)
+            self._sender.relay(self, message_id, content, payload)
+
     # Flight callbacks: called from the watcher thread (or from run() on a refusal).
 
     def on_result(self, result: m.ResultMessage) -> None:
@@ -154,6 +166,11 @@ class CeleryTaskProcess:
         self._results.put(result.luigi_tuple())
 
     def on_status(self, status: m.StatusMessage) -> None:
+        if status.field == "scheduler_message_response":
+            message_id, response = status.value["message_id"], status.value["response"]
+            if self._answer is not None and message_id in self._relayed:  # (a message we relayed)
+                self._results.call_soon(functools.partial(self._answer, message_id, response))
+            return
         if status.field in ("started", "retry_in"):  # a worker runs it now / it waits in a queue again
             self._on_running(self.task.task_id, status.field == "started")
             return

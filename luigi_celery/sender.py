@@ -18,11 +18,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from celery import Celery
 
+from luigi_celery import inbox, signing
 from luigi_celery import message as m
-from luigi_celery import signing
 from luigi_celery.allowlist import RunModules
 from luigi_celery.claim import RunClaim
 from luigi_celery.errors import BrokerUnavailable, ConfigError, DispatchRefused, LuigiCeleryError, MessageError
@@ -80,6 +81,8 @@ class Sender:
         self.revoked: list[str] = []
         self._to_revoke: list[str] = []
         self._health_checks: list[Callable[[], str | None]] = []
+        # the inboxes this run posted scheduler messages to (deleted when it closes)
+        self._inboxes: set[str] = set()
         self._watcher = ResultWatcher(
             app, self.reply_to, self._on_reply, self._tick, on_lost=self.fail_all, tolerance=settings.outage_tolerance
         )
@@ -136,6 +139,7 @@ class Sender:
         self._pacer.stop()
         self._publisher.close()
         self._revoke_marked()
+        inbox.delete(self.app, self._inboxes)
         if self._claim is not None:
             self._claim.close(self.session)
         try:
@@ -222,6 +226,18 @@ class Sender:
     def flush(self) -> None:
         """Publish what Luigi's loop has sent since the last flush; it calls this before it waits."""
         self._publisher.flush()
+
+    def relay(self, flight: Flight, message_id: str, content: Any, payload: dict[str, Any]) -> None:
+        """Post a message from the scheduler to the attempt of ``flight``'s task in flight, if any."""
+        msg = self.ledger.current(flight)
+        if msg is None:
+            logger.info("dropped a scheduler message for %s: it is not in flight", flight.task.task_id)
+            return
+        note = m.SchedulerNote(msg.celery_id, msg.task_id, message_id, content, payload)
+        try:
+            self._inboxes.add(inbox.post(self.app, note, msg.token, self.settings.secret))
+        except Exception as e:  # best effort, as under Luigi
+            logger.warning("could not relay a scheduler message to %s: %s", msg.task_id, e)
 
     def revoke(self, flight: Flight) -> None:
         """Mark ``flight`` to be revoked; :meth:`close` revokes all of them in one broadcast."""

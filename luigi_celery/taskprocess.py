@@ -42,13 +42,14 @@ class RemoteStatusReporter:
 
     ``set_status_message`` and friends inside ``run()`` end up here; each
     update is published to the dispatcher, which hands it to the scheduler.
+    ``scheduler_messages`` is what the task reads messages from the scheduler
+    from: an inbox.Inbox for a task that accepts messages, else None (as Luigi's).
     """
 
-    scheduler_messages = None  # messages from the scheduler to a running task do not cross the broker
-
-    def __init__(self, publish: Publish, msg: m.TaskMessage) -> None:
+    def __init__(self, publish: Publish, msg: m.TaskMessage, scheduler_messages: Any = None) -> None:
         self._publish = publish
         self._msg = msg
+        self.scheduler_messages = scheduler_messages
 
     def send(self, field: str, value: Any) -> None:
         update = m.StatusMessage(celery_id=self._msg.celery_id, task_id=self._msg.task_id, field=field, value=value)
@@ -201,7 +202,7 @@ def rebuild(msg: m.TaskMessage, allowed: tuple[str, ...]) -> luigi.Task | m.Resu
 def run_task(
     task: luigi.Task,
     msg: m.TaskMessage,
-    publish: Publish,
+    reporter: RemoteStatusReporter,
     skip_if_complete: bool = False,
     retry: RetryPolicy | None = None,
 ) -> tuple[m.ResultMessage, BaseException | None]:
@@ -227,7 +228,7 @@ def run_task(
         task,
         msg.run_id,
         outcome,
-        RemoteStatusReporter(publish, msg),
+        reporter,
         check_unfulfilled_deps=msg.check_unfulfilled_deps,
         check_complete_on_run=msg.check_complete_on_run,
         task_completion_cache=completion_cache(msg),
@@ -273,7 +274,7 @@ def run_task_message(
     task = rebuild(msg, allowed)
     if isinstance(task, m.ResultMessage):
         return task
-    return run_task(task, msg, publish, skip_if_complete)[0]
+    return run_task(task, msg, RemoteStatusReporter(publish, msg), skip_if_complete)[0]
 
 
 def _already_complete(task: luigi.Task) -> bool:

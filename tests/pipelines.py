@@ -462,6 +462,29 @@ class YieldsChecksLogged(OutTask):
         self.write()
 
 
+class Listens(OutTask):
+    """Accepts messages from the scheduler: waits up to ``wait`` seconds for one, answers it, and
+    writes what it got ("none" without one). Luigi sets ``scheduler_messages`` while run() runs."""
+
+    accepts_messages = True
+    wait = luigi.FloatParameter(default=0.0, significant=False)
+
+    def run(self):
+        self.set_status_message("listening")
+        got, deadline = "none", time.time() + self.wait
+        while True:
+            messages = self.scheduler_messages  # type: ignore[attr-defined]
+            if not messages.empty():
+                message = messages.get()
+                message.respond(f"got {message}")
+                got = str(message)
+                break
+            if time.time() >= deadline:
+                break
+            time.sleep(0.1)
+        self.write(got)
+
+
 def make_task_class():
     class MadeByAFactory(OutTask):
         def run(self):

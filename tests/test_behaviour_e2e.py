@@ -312,6 +312,52 @@ def test_the_completion_cache_of_the_dispatchers_config_spares_a_workers_checks(
     assert mine == ["CHECKED", "START", "SUCCESS"]
 
 
+def test_a_task_that_accepts_messages_has_an_empty_queue_of_them_as_under_stock_luigi(redis_pool, tmp_path):
+    # Given a task that accepts messages from the scheduler, and none sent (a local scheduler)
+    stock = stock_luigi("--module", "tests.pipelines", "Listens", "--out", str(tmp_path / "stock"))
+    ours = redis_pool.run("--module", "tests.pipelines", "Listens", "--out", str(tmp_path / "ours"))
+    # Then its run() finds the queue empty and ends, under both
+    assert (stock.returncode, ours.returncode) == (0, 0), ours.stdout[-3000:]
+    assert [p.read_text() for p in (tmp_path / "ours").glob("Listens_*.txt")] == ["none"]
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq", "embedded"])
+def test_a_message_from_luigid_reaches_the_running_task_and_its_response_comes_back(broker, luigid, request,
+                                                                                    tmp_path):  # fmt: skip
+    # Given a task listening for a message from luigid, on a remote worker (or the embedded one)
+    pool = None if broker == "embedded" else request.getfixturevalue(f"{broker}_pool")
+    args = ("--module", "tests.pipelines", "Listens", "--wait", "60", "--out", str(tmp_path), "--scheduler-url", luigid)
+    process = subprocess.Popen(
+        pool.command(*args) if pool else [str(BIN / "luigi-celery"), "run", *args],
+        cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, running = time.time() + 60, {}
+        while time.time() < deadline and process.poll() is None:
+            running = _luigid_api(luigid, "task_list", status="RUNNING", upstream_status="")
+            if running and next(iter(running.values())).get("status_message") == "listening":
+                break
+            time.sleep(0.2)
+        ((task_id, task),) = running.items()
+        # When the visualiser sends it a message, as a user would
+        sent = _luigid_api(luigid, "send_scheduler_message", worker=task["worker_running"], task=task_id,
+                           content="stop now")  # fmt: skip
+        # Then the task gets it, and its response reaches luigid
+        response = None
+        while response is None and time.time() < deadline:
+            time.sleep(0.2)
+            asked = {"task_id": task_id, "message_id": sent["message_id"]}
+            response = _luigid_api(luigid, "get_scheduler_message_response", **asked)["response"]
+        assert response == "got stop now"
+    finally:
+        if process.poll() is None:
+            output, _ = process.communicate(timeout=90)
+        else:
+            output = process.stdout.read() if process.stdout else ""
+    assert process.returncode == 0, output[-3000:]
+    assert [p.read_text() for p in tmp_path.glob("Listens_*.txt")] == ["stop now"]
+
+
 def test_the_embedded_default_runs_a_class_defined_inside_a_function_its_module_defines(tmp_path):
     # Given a task class made inside a function when its module is imported
     ours = run_cli("run", "--module", "tests.pipelines", "MadeByAFactory", "--out", str(tmp_path / "made"))

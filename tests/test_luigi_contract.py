@@ -125,6 +125,10 @@ def test_the_private_worker_api_we_use_still_exists():
     # the loop the parallel complete() checks copy, and the function they call
     assert hashlib.sha256(inspect.getsource(luigi.worker.Worker.add).encode()).hexdigest() == LUIGI_WORKER_ADD_SHA256
     assert list(inspect.signature(luigi.worker.check_complete).parameters) == ["task", "out_queue", "completion_cache"]
+    # the scheduler's messages for a running task, which CeleryWorker relays (Luigi calls it by name)
+    relay = inspect.signature(luigi.worker.Worker.dispatch_scheduler_message).parameters
+    assert list(relay) == ["self", "task_id", "message_id", "content", "kwargs"]
+    assert CeleryWorker.dispatch_scheduler_message.is_rpc_message_callback
 
 
 def test_the_task_process_seam_the_worker_overrides_still_exists():
@@ -433,3 +437,59 @@ def test_luigis_worker_checks_are_read_when_luigi_starts_each_task():
         worker.run()
     # Then the task went out with the checks as they were when Luigi started it
     assert seen == [(False, True, True)]
+
+
+class ListeningLeaf(ContractLeaf):
+    accepts_messages = True
+
+
+def test_a_message_from_the_scheduler_is_relayed_and_only_its_own_response_reaches_the_scheduler():
+    # Given a dispatcher running a task that accepts messages, whose worker answers any message
+    # it is relayed, and also answers a message nobody sent
+    scheduler = luigi.scheduler.Scheduler(send_messages=True)
+    relayed = []
+
+    class RelayingSender(InstantSender):
+        def send(self, flight):
+            # (as Luigi's keep-alive thread does, once the scheduler had a message for the task)
+            worker._handle_rpc_message({"name": "dispatch_scheduler_message", "kwargs": {
+                "task_id": flight.task.task_id, "message_id": "m-1", "content": "pause"}})  # fmt: skip
+            super().send(flight)
+
+        def relay(self, flight, message_id, content, payload):
+            relayed.append((message_id, content, payload))
+            for answered in (message_id, "m-forged"):
+                value = {"message_id": answered, "response": f"{content}d"}
+                flight.on_status(m.StatusMessage("x", flight.task.task_id, "scheduler_message_response", value))
+
+    ContractLeaf.done.clear()
+    task = ListeningLeaf(n=8)
+    worker = CeleryWorker(scheduler=scheduler, worker_processes=1, sender=RelayingSender())  # type: ignore[arg-type]
+    with worker:
+        worker.add(task)
+        worker.run()
+    # Then the message went on to the worker, and the response to it reached the scheduler
+    assert relayed == [("m-1", "pause", {})]
+    assert scheduler.get_scheduler_message_response(task.task_id, "m-1") == {"response": "paused"}
+    # but not one to a message the scheduler never sent
+    assert scheduler.get_scheduler_message_response(task.task_id, "m-forged") == {"response": None}
+
+
+def test_a_task_that_does_not_accept_messages_is_relayed_none():
+    relayed = []
+
+    class RelayingSender(InstantSender):
+        def send(self, flight):
+            worker._handle_rpc_message({"name": "dispatch_scheduler_message", "kwargs": {
+                "task_id": flight.task.task_id, "message_id": "m-1", "content": "pause"}})  # fmt: skip
+            super().send(flight)
+
+        def relay(self, flight, message_id, content, payload):
+            relayed.append(message_id)
+
+    ContractLeaf.done.clear()
+    worker = CeleryWorker(scheduler=luigi.scheduler.Scheduler(), worker_processes=1, sender=RelayingSender())  # type: ignore[arg-type]
+    with worker:
+        worker.add(ContractLeaf(n=9))
+        worker.run()
+    assert relayed == []  # (as Luigi's worker puts nothing on a queue such a task does not have)

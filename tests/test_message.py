@@ -336,6 +336,30 @@ def test_status_message_rejects_a_value_of_the_wrong_type(field: str, value: Any
         m.StatusMessage.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    "value", [{"response": "ok"}, {"message_id": 7, "response": "ok"}, {"message_id": "m-1"}, "m-1"]
+)
+def test_a_response_to_a_scheduler_message_names_its_message_and_has_a_response(value: Any) -> None:
+    data = changed(STATUS, field="scheduler_message_response", value=value)
+    with pytest.raises(MessageError):
+        m.StatusMessage.from_dict(data)
+    # (any JSON is a response, None and false included)
+    for response in (None, False, {"rows": [1]}):
+        good = changed(STATUS, field="scheduler_message_response", value={"message_id": "m", "response": response})
+        assert m.StatusMessage.from_dict(good).value["response"] == response
+
+
+def test_a_scheduler_message_reads_back_and_refuses_what_it_cannot_be() -> None:
+    note = m.SchedulerNote("c.0123456789abcdef.1", "t", "m-1", {"any": ["json"]}, {"n": 1})
+    data = json.loads(json.dumps(note.to_dict()))
+    assert m.SchedulerNote.from_dict(data) == note
+    for bad in ({"payload": ["n"]}, {"payload": None}, {"message_id": 1}, {"kind": "status"}, {"v": 1}):
+        with pytest.raises(MessageError):
+            m.SchedulerNote.from_dict({**data, **bad})
+    with pytest.raises(MessageError, match="content"):
+        m.SchedulerNote.from_dict({k: v for k, v in data.items() if k != "content"})
+
+
 @pytest.mark.parametrize("field", ["colour", "scheduler_messages", "", 3])
 def test_status_message_rejects_an_unknown_field(field: Any) -> None:
     # Given a status update of a field a task cannot set
