@@ -9,6 +9,7 @@ import sys
 
 import luigi.retcodes
 
+from luigi_celery import params
 from luigi_celery.app import make_app, make_limiter, store_url
 from luigi_celery.dispatch import (
     CeleryWorker,
@@ -59,6 +60,7 @@ def report_failures(worker: CeleryWorker) -> None:
 
 def run_pipeline(settings: Settings, luigi_argv: list[str], progress: ProgressView | None = None) -> int:
     """Run the pipeline ``luigi_argv`` names; return the process exit code."""
+    params.install()  # (Luigi lists a class's parameters ~15 times a task: remembered, checked)
     if not settings.embedded:
         return _run_pipeline(settings, luigi_argv, progress)
     folder = make_embedded_dir()

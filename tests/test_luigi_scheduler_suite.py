@@ -1,4 +1,5 @@
-"""Luigi's own scheduler and worker tests, run against FastScheduler.
+"""Luigi's own scheduler, worker, task and parameter tests, run against FastScheduler and with
+``Task.get_params`` remembered (params.py), as in a dispatcher.
 
 Luigi's wheel does not ship its tests: ``scripts/setup test`` fetches the sdist of the
 installed Luigi once (into ``.cache/``, which git ignores; ``tests/luigi_suite/fetch.py``),
@@ -30,6 +31,12 @@ SUITES = [
     "priority_test.py",
     "execution_summary_test.py",
     "task_running_resources_test.py",
+    # what a task's parameters are, and everything built on them
+    "task_test.py",
+    "parameter_test.py",
+    "instance_test.py",
+    "task_register_test.py",
+    "clone_test.py",
 ]
 # These fail on Luigi's own scheduler here too.
 FAILING_WITHOUT_US = [
@@ -57,7 +64,7 @@ def test_luigis_own_scheduler_tests_pass_against_fast_scheduler(tmp_path: Path) 
     deselect = [arg for test in FAILING_WITHOUT_US for arg in ("--deselect", f"test/{test}")]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-c", str(config), "-p", "no:cacheprovider",
-         "-p", "tests.luigi_suite.fast_scheduler",
+         "-p", "tests.luigi_suite.fast_scheduler", "-p", "tests.luigi_suite.param_cache",
          "-W", "ignore", *deselect, *(f"test/{suite}" for suite in SUITES)],
         cwd=tests.parent, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONPATH": str(ROOT), "LUIGI_CELERY_FAST_CALLS": str(calls)},
