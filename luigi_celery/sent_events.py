@@ -14,9 +14,9 @@ after a few tries is dropped (and logged), as are new events past
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Any
@@ -28,7 +28,7 @@ from celery.utils.time import utcoffset
 
 logger = logging.getLogger(__name__)
 
-# A batch goes out when it holds this many events, or this long after its first one.
+# A batch holds at most this many events; it goes out this long after the first one of a burst.
 BATCH_SIZE = 200
 BATCH_DELAY = 0.05
 MAX_QUEUED = 100_000
@@ -36,56 +36,57 @@ _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, 
 
 
 class SentEvents(threading.Thread):
-    """Stands in for Celery's event dispatcher where ``send_task`` publishes ``task-sent``."""
+    """Stands in for Celery's event dispatcher where ``send_task`` publishes ``task-sent``.
+
+    ``publish`` appends to a deque and wakes the thread only when it sleeps: the sending
+    thread takes no lock and wakes nobody per event (a queue.Queue did both, for 5% of the
+    dispatcher's CPU on a wide DAG)."""
 
     def __init__(self, app: Celery) -> None:
         super().__init__(name="luigi-celery-sent-events", daemon=True)
         self._app = app
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._closing = False
         self._hostname = anon_nodename()
         self._pid = os.getpid()
         self.dropped = 0
 
     # Called by Celery's send_task_message, in the sending thread.
     def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> None:
-        if self._queue.qsize() >= MAX_QUEUED:
+        if len(self._events) >= MAX_QUEUED:
             self._drop(1, "the queue of events is full")
             return
         # The fields Celery's own dispatcher adds, with the time of sending.
         event = Event(type, hostname=self._hostname, utcoffset=utcoffset(), pid=self._pid, **fields)
         event["clock"] = self._app.clock.forward()
-        self._queue.put(event)
+        self._events.append(event)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what is queued (for up to ``timeout`` seconds) and stop."""
-        self._queue.put(None)
+        self._closing = True
+        self._wake.set()
         if self.is_alive():
             self.join(timeout)
 
     def run(self) -> None:
         with self._app.connection_for_write() as conn:
             exchange = get_exchange(conn, name=self._app.conf.event_exchange)
-        while True:
-            batch, closed = self._next_batch()
-            if batch:
-                self._send(batch, exchange)
-            if closed:
-                return
+        while not self._closing:
+            self._wake.wait()
+            self._wake.clear()  # (before taking: an event appended from now on wakes it again)
+            if not self._closing:
+                time.sleep(BATCH_DELAY)  # the events of the next few sends go in the same batch
+            self._send_queued(exchange)
+        self._send_queued(exchange)
 
-    def _next_batch(self) -> tuple[list[dict[str, Any]], bool]:
-        """Up to ``BATCH_SIZE`` events: the first one waited for, the rest for ``BATCH_DELAY``."""
-        event = self._queue.get()
-        deadline = time.monotonic() + BATCH_DELAY
-        batch: list[dict[str, Any]] = []
-        while event is not None:
-            batch.append(event)
-            if len(batch) >= BATCH_SIZE:
-                return batch, False
-            try:
-                event = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return batch, False
-        return batch, True
+    def _send_queued(self, exchange: Any) -> None:
+        """Send every event queued, ``BATCH_SIZE`` to a message."""
+        while self._events:
+            batch = [self._events.popleft() for _ in range(min(BATCH_SIZE, len(self._events)))]
+            self._send(batch, exchange)
 
     def _send(self, batch: list[dict[str, Any]], exchange: Any) -> None:
         try:
