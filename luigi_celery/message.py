@@ -19,7 +19,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, TypeVar
 
 from luigi_celery.errors import MessageError
@@ -175,7 +175,10 @@ class TaskMessage:
         return celery_task_id(self.task_id, self.attempt, self.token)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "kind": self.kind, **asdict(self)}
+        # (by hand: dataclasses.asdict copies every value deeply, and this is built once a task sent)
+        data = {name: getattr(self, name) for name in _TASK_FIELDS}
+        data["params"] = dict(self.params)
+        return {"v": PROTOCOL_VERSION, "kind": self.kind, **data}
 
     @classmethod
     def from_dict(cls, data: object) -> TaskMessage:
@@ -214,6 +217,9 @@ class TaskMessage:
             session=session,
             token=token,
         )
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(TaskMessage))
 
 
 @dataclass(frozen=True)
