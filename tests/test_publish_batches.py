@@ -104,3 +104,28 @@ def test_a_batch_the_broker_refuses_is_sent_again_one_task_at_a_time(redis_sende
     # Then each of the three went out again, on its own
     assert _waiting(sender, 3) == 3
     assert sender._publisher._batch is None and sender._publisher._batched == []
+
+
+@pytest.mark.broker
+def test_the_batch_producer_declares_a_queue_once_and_again_after_its_connection_broke(redis_sender, monkeypatch):
+    sender = redis_sender
+    declared: list[str] = []
+    real = kombu.Producer.maybe_declare
+
+    def counted(self, entity, *args, **kwargs):
+        declared.append(entity.name)
+        return real(self, entity, *args, **kwargs)
+
+    monkeypatch.setattr(kombu.Producer, "maybe_declare", counted)
+    # Given five tasks sent through the batch producer
+    _send(sender, 5)
+    sender.flush()
+    # Then their queue was declared once, and all five are out
+    assert declared == [sender.settings.queue]
+    assert _waiting(sender, 5) == 5
+    # and a producer made anew after a broken batch declares it again
+    sender._publisher._resend([], ConnectionError("the broker went away"))
+    _send(sender, 1)
+    sender.flush()
+    assert declared == [sender.settings.queue] * 2
+    assert _waiting(sender, 6) == 6
