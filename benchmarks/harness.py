@@ -3,8 +3,10 @@
 It starts and stops every process (each in a session of its own, all of them stopped
 on the way out), starts a worker and waits until it is up and idle, times one command
 (wall-clock, peak RSS and CPU seconds from ``os.wait4``, a timeout), starts a luigid of
-its own, deletes what the runs left on the broker, and prints the table.  What runs and
-what it is compared with is in ``benchmarks/scale.py``.
+its own, deletes what the runs left on the brokers, and prints the table.  Its broker is
+Redis (it also holds raw Celery's completion counters); a worker may use another broker
+(RabbitMQ), named when it is started.  What runs and what it is compared with is in
+``benchmarks/scale.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from celery import Celery
 
 from benchmarks import raw_celery
 
@@ -91,6 +95,7 @@ class Processes:
 class Worker:
     kind: str  # "lc" or "raw"
     settings: str  # raw Celery's settings (see raw_celery.SETTINGS)
+    broker: str
     name: str
     queue: str
     proc: subprocess.Popen[bytes]
@@ -129,15 +134,16 @@ class Harness:
     rows it measured."""
 
     def __init__(self, broker: str, timeout: float) -> None:
-        self.broker = broker
+        self.broker = broker  # Redis: the default broker, and raw Celery's completion counters
         self.timeout = timeout  # seconds before a timed command is stopped and flagged
         self.tag = uuid.uuid4().hex[:8]
         self.work = Path(tempfile.mkdtemp(prefix=f"lcbench-{self.tag}-"))
         self.procs = Processes()
         self.rows: list[Row] = []
-        self.control = raw_celery.make_app(broker)  # pings and inspects any worker on the broker
+        self.controls: dict[str, Celery] = {}  # per broker: pings and inspects any worker on it
         self.count = 0
-        self.lc_runs: list[tuple[list[str], str]] = []  # (Luigi's command line, queue) of each broker run
+        self.lc_runs: list[tuple[list[str], str, str]] = []  # (Luigi's command line, queue, broker) of each run
+        self.queues: list[tuple[str, str]] = []  # (broker, queue) of each worker started
 
     # --- rows and runs --------------------------------------------------------------
 
@@ -161,25 +167,33 @@ class Harness:
 
     # --- workers --------------------------------------------------------------------
 
+    def control(self, broker: str) -> Celery:
+        if broker not in self.controls:
+            self.controls[broker] = raw_celery.make_app(broker)
+        return self.controls[broker]
+
     @contextmanager
     def worker(
-        self, kind: str, concurrency: int, settings: str, warm_up: Callable[[Worker, int], None]
+        self, kind: str, concurrency: int, settings: str, warm_up: Callable[[Worker, int], None], broker: str = ""
     ) -> Iterator[Worker]:
         """A ``luigi-celery worker`` (``lc``) or raw Celery worker (``raw``) on a queue of its own,
-        up, warmed up by ``warm_up`` and idle; stopped at the end."""
-        queue = f"lcbench-{self.tag}-{kind}-{settings}-{concurrency}"
+        on ``broker`` (default: the harness's), up, warmed up by ``warm_up`` and idle; stopped at the end."""
+        broker = broker or self.broker
+        # The broker's scheme in the name: a worker's name says where it is, and none is reused.
+        queue = f"lcbench-{self.tag}-{kind}-{broker_label(broker)}-{settings}-{concurrency}"
         name = f"{queue}@{socket.gethostname()}"
         log = self.work / f"worker-{queue}.log"
         common = ["--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", "WARNING", "--hostname", name]
         env = clean_env()
         if kind == "lc":
-            command = [str(BIN / "luigi-celery"), "worker", "--broker", self.broker, "--queue", queue,
+            command = [str(BIN / "luigi-celery"), "worker", "--broker", broker, "--queue", queue,
                        "--include", "benchmarks.dags", *common]  # fmt: skip
         else:
             command = [str(BIN / "celery"), "-A", "benchmarks.raw_celery", "worker", "-Q", queue, *common]
-            env.update(BENCH_RAW_BROKER=self.broker, BENCH_RAW_SETTINGS=settings)
+            env.update(BENCH_RAW_BROKER=broker, BENCH_RAW_SETTINGS=settings)
+        self.queues.append((broker, queue))
         proc = self.procs.start(command, log, env)
-        worker = Worker(kind, settings, name, queue, proc, log)
+        worker = Worker(kind, settings, broker, name, queue, proc, log)
         try:
             self.wait_ready(worker, timeout=120)
             warm_up(worker, concurrency)
@@ -201,17 +215,18 @@ class Harness:
 
     def answers(self, worker: Worker) -> bool:
         if worker.kind == "lc":  # the documented probe
-            check = [str(BIN / "luigi-celery"), "check", "--broker", self.broker, "--worker", worker.name,
+            check = [str(BIN / "luigi-celery"), "check", "--broker", worker.broker, "--worker", worker.name,
                      "--timeout", "2"]  # fmt: skip
             return subprocess.run(check, cwd=ROOT, env=clean_env(), capture_output=True).returncode == 0
-        return bool(self.control.control.ping(destination=[worker.name], timeout=2))
+        return bool(self.control(worker.broker).control.ping(destination=[worker.name], timeout=2))
 
     def idle(self, worker: Worker) -> bool:
-        inspect = self.control.control.inspect(destination=[worker.name], timeout=2)
+        control = self.control(worker.broker)
+        inspect = control.control.inspect(destination=[worker.name], timeout=2)
         active, reserved = inspect.active(), inspect.reserved()
         if not active or not reserved or any(active.values()) or any(reserved.values()):
             return False
-        with self.control.connection_for_read() as conn:
+        with control.connection_for_read() as conn:
             try:
                 waiting = conn.default_channel.queue_declare(queue=worker.queue, passive=True).message_count
             except Exception:  # not declared yet: nothing waits in it
@@ -309,12 +324,17 @@ class Harness:
             out += ["", "failed runs (logs kept):", *problems]
         return "\n".join(out)
 
-    def clean_broker(self) -> None:
-        """Delete what this harness left on the broker: its queues and their bindings, and
+    def clean_brokers(self) -> None:
+        """Delete what this harness left on its brokers."""
+        if self.broker.startswith("redis://"):
+            self.clean_redis()
+        for broker in sorted({b for b, _ in self.queues if b.startswith("amqp")}):
+            self.clean_rabbitmq(broker)
+
+    def clean_redis(self) -> None:
+        """Delete what this harness left on Redis: its queues and their bindings, and
         what a stopped dispatcher leaves for a restarted one to adopt (its reply queue,
         which late replies recreate, and its start marks)."""
-        if not self.broker.startswith("redis://"):
-            return
         import redis
 
         from luigi_celery.results import reply_queue_name
@@ -325,7 +345,9 @@ class Harness:
         try:
             client = redis.Redis.from_url(self.broker)
             keys = list(client.scan_iter(match=f"*lcbench-{self.tag}-*", count=1000))
-            for argv, queue in self.lc_runs:
+            for argv, queue, broker in self.lc_runs:
+                if broker != self.broker:
+                    continue
                 run = run_id(argv, Settings(broker_url=self.broker, queue=queue))
                 if run:
                     keys += [reply_queue_name(run), starts_key(run), run_key(run)]
@@ -333,3 +355,24 @@ class Harness:
                 client.delete(*keys)
         except Exception as e:  # the table matters more than a tidy broker
             print(f"scale.py: could not clean up the broker: {e}", file=sys.stderr)
+
+    def clean_rabbitmq(self, broker: str) -> None:
+        """Delete the workers' queues on RabbitMQ, and the exchanges Celery named after them.
+        (A dispatcher deletes its own reply queue; one a failed run left expires in a day.)"""
+        queues = [q for b, q in self.queues if b == broker]
+        try:
+            with self.control(broker).connection_for_write() as conn:
+                for queue in queues:
+                    for delete in ("queue_delete", "exchange_delete"):
+                        channel = conn.channel()  # one of its own: a missing queue or exchange closes it
+                        with contextlib.suppress(Exception):
+                            getattr(channel, delete)(queue)
+                        with contextlib.suppress(Exception):
+                            channel.close()
+        except Exception as e:  # the table matters more than a tidy broker
+            print(f"scale.py: could not clean up {broker_label(broker)}: {e}", file=sys.stderr)
+
+
+def broker_label(broker: str) -> str:
+    """``redis``, ``rabbitmq``: the broker's kind, for names and the table."""
+    return "rabbitmq" if broker.startswith("amqp") else broker.partition(":")[0] or "broker"

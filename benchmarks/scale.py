@@ -1,8 +1,10 @@
-"""How luigi-celery scales: throughput, linear cost, latency, memory, the embedded default.
+"""How luigi-celery scales: throughput, linear cost, latency, CPU, memory, the embedded default.
 
-    .venv/bin/python benchmarks/scale.py [--broker redis://127.0.0.1:6379/14] [--sizes 1000,3000,10000]
+    .venv/bin/python benchmarks/scale.py [--broker redis://127.0.0.1:6379/14]
+        [--rabbitmq amqp://guest:guest@127.0.0.1:5672//] [--sizes 1000,3000,10000]
         [--layer-width 100] [--chain 300] [--sleepers 1000] [--repeat 1] [--inflight 8]
-        [--only wide,layered,chain,sleep,embedded,startup,lc,raw,luigi,luigid] [--luigi-max 3000] [--keep]
+        [--only wide,layered,chain,sleep,embedded,startup,lc,lc-rabbitmq,raw,raw-rabbitmq,luigi,luigid]
+        [--luigi-max 3000] [--keep]
 
 Run it from anywhere; it runs everything from the repository root and starts and
 stops every worker itself (killed on Ctrl-C and on errors too).  The DAGs are in
@@ -17,16 +19,24 @@ What runs (``--only`` picks shapes and/or systems; none named means all):
   (``--layer-width`` tasks per layer, N / width layers, each task requiring
   two of the layer below), ``chain`` (``--chain`` tasks, each requiring the
   previous), ``sleep`` (``--sleepers`` tasks of 0.2 s over 32 slots),
-  ``embedded`` (the wide DAG at the smallest size, no broker);
-- systems: ``lc`` (``luigi-celery run`` over the broker, against one
+  ``embedded`` (the wide DAG with no broker, at the smallest size and at the
+  CPU sizes, below);
+- systems: ``lc`` (``luigi-celery run`` over Redis, ``--broker``, against one
   ``luigi-celery worker --concurrency 2 --pool prefork``, or 32 for ``sleep``;
-  the dispatcher keeps ``--inflight`` tasks in flight, 32 for ``sleep``),
-  ``raw`` (raw Celery on the same broker and the same kind of worker: wide,
-  chain, sleep), ``luigi`` (stock ``luigi --workers 2 --local-scheduler``, 32
-  for ``sleep``; wide and layered only up to ``--luigi-max`` tasks, since its
-  scheduler is quadratic), ``luigid`` (``luigi-celery run`` as ``lc``, scheduling
-  through a central ``luigid`` of its own instead of the local scheduler: wide,
-  up to ``--luigi-max`` tasks).
+  the dispatcher keeps ``--inflight`` tasks in flight, 32 for ``sleep``: every
+  shape, and ``embedded``), ``lc-rabbitmq`` (the same over RabbitMQ alone,
+  ``--rabbitmq``, no coordination store: wide at the CPU sizes, chain),
+  ``raw`` (raw Celery on Redis and the same kind of worker: wide, twice, with
+  Celery's stock settings and with luigi-celery's delivery settings; chain;
+  sleep), ``raw-rabbitmq`` (raw Celery on RabbitMQ: chain), ``luigi`` (stock
+  ``luigi --workers 2 --local-scheduler``, 32 for ``sleep``; wide and layered
+  only up to ``--luigi-max`` tasks, since its scheduler is quadratic, and wide
+  at the smallest size for the embedded goal), ``luigid`` (``luigi-celery
+  run`` as ``lc``, scheduling through a central ``luigid`` of its own instead
+  of the local scheduler: wide, up to ``--luigi-max`` tasks).
+
+The CPU sizes are the ``--sizes`` of at least 3,000, or the two largest when
+none is.
 
 Each worker is started once per group of runs, warmed up with a few tasks,
 and checked up (``luigi-celery check --worker NAME``, or a ping) and idle
@@ -34,7 +44,8 @@ and checked up (``luigi-celery check --worker NAME``, or a ping) and idle
 never timed.  A luigi-celery or luigi run is timed from starting the command
 to its exit (start-up, DAG resolution and summary included); a raw Celery run
 from its first send to its last completion.  Every run gets a fresh ``tag``
-(new task ids) and a fresh output folder; its outputs are counted afterwards.
+(new task ids) and a fresh output folder, and every worker a queue of its
+own; its outputs are counted afterwards.
 
 Columns: ``shape``, ``N`` (tasks, the wrapper not counted), ``variant``,
 ``s`` (median wall-clock seconds of ``--repeat`` runs), ``tasks/s`` (N / s),
@@ -42,10 +53,30 @@ Columns: ``shape``, ``N`` (tasks, the wrapper not counted), ``variant``,
 its processes, from ``os.wait4``; largest over repeats), ``CPU s`` (the
 command's user + system CPU seconds, its reaped children included: next to
 ``s``, whether the dispatcher itself is the bottleneck), ``ratio`` and
-``goal`` (on the goal rows at the bottom: the number each goal of the issue
+``goal`` (on the goal rows at the bottom: the number each goal of issue 13
 asks for, and its target), ``status`` (``ok``; a failed run's exit code,
-timeout or missing outputs; ``met`` / ``MISSED`` on goal rows).  Logs of
-failed runs are kept and listed under the table.
+timeout or missing outputs; ``met`` / ``MISSED`` on goal rows, ``ref`` on a
+row giving the same figure for a baseline, ``n/a`` when a run it needs
+failed).  Logs of failed runs are kept and listed under the table.
+
+The goal rows, numbered as the goals of issue 13 (each appears when the runs
+it needs ran):
+
+1. wide, largest N, Redis: luigi-celery's tasks/s / raw Celery's, >= 0.75
+   against raw Celery's stock settings and >= 0.95 against raw Celery with
+   luigi-celery's delivery settings;
+2. wide, the largest N both ran (3,000 by default): the speed-up of
+   luigi-celery over ``luigi --workers 2 --local-scheduler``, >= 10;
+3. chain: luigi-celery's ms per hop / raw Celery's chain's, <= 1.25, on
+   Redis and on RabbitMQ (``ref``: each one's ms per hop, and luigi's);
+4. sleep: luigi-celery's time / raw Celery's, <= 1.05 (``ref``: each one's
+   time / the ideal, N x 0.2 s / 32);
+5. wide at the CPU sizes: the ``luigi-celery run`` command's CPU ms per task
+   (``CPU s`` x 1000 / N), <= 0.4, over Redis, over RabbitMQ and embedded;
+6. kept from before: t(largest N) / t(smallest N) of luigi-celery on Redis,
+   wide and layered, <= 1.1 x largest / smallest (11 for 10,000 / 1,000); the
+   dispatcher's peak RSS at the largest wide N, <= 250 MB; the embedded
+   default's speed-up over ``luigi --workers 2`` at the smallest N, >= 2.
 """
 
 from __future__ import annotations
@@ -56,6 +87,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,12 +95,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, from anywhere
 
-from benchmarks.harness import BIN, Goal, Harness, Row, Worker  # noqa: E402
+from benchmarks.harness import BIN, Goal, Harness, Row, Worker, broker_label  # noqa: E402
 
 SHAPES = ("startup", "wide", "layered", "chain", "sleep", "embedded")
-SYSTEMS = ("lc", "raw", "luigi", "luigid")
+SYSTEMS = ("lc", "lc-rabbitmq", "raw", "raw-rabbitmq", "luigi", "luigid")
+DISPATCHERS = ("lc", "lc-rabbitmq", "luigid")  # luigi-celery over a broker: --inflight tasks in flight
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 SLEEP_SECONDS = 0.2
 SLEEP_SLOTS = 32
+CPU_SIZES_FROM = 3000  # goal 5 is about the dispatcher's cost per task at scale, not its start-up
+# Goal 5's rows at each CPU size: (shape, system, where the dispatcher's tasks go).
+CPU_ROWS = (("wide", "lc", "redis"), ("wide", "lc-rabbitmq", "rabbitmq"), ("embedded", "embedded", "embedded"))
+
+
+def ratio(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top is not None and bottom else None
+
+
+def goal(number: str, shape: str, size: int, what: str, value: float | None, op: str, limit: float) -> Goal:
+    """A goal row: met when ``value`` is ``op`` (">=" or "<=") ``limit``."""
+    met = None if value is None else value >= limit if op == ">=" else value <= limit
+    return Goal(number, shape, size, what, value, f"{op} {limit:.3g}", met)
+
+
+def ref(number: str, shape: str, size: int, what: str, value: float | None) -> Goal:
+    """A reference row: the figure of a goal for a baseline, held to nothing."""
+    return Goal(number, shape, size, what, value, "", None)
 
 
 class Bench:
@@ -100,20 +152,42 @@ class Bench:
             return [*common, "Sleepers", *params, "--size", str(size), "--seconds", str(SLEEP_SECONDS)], size
         return [*common, "Wide", *params, "--size", str(size)], size
 
+    def cpu_sizes(self) -> list[int]:
+        """Goal 5's wide sizes: those of at least 3,000, else the two largest."""
+        return [n for n in self.args.sizes if n >= CPU_SIZES_FROM] or self.args.sizes[-2:]
+
+    def sizes_for(self, shape: str, system: str) -> list[int]:
+        if shape == "startup":
+            return [1]
+        if shape == "chain":
+            return [self.args.chain]
+        if shape == "sleep":
+            return [self.args.sleepers]
+        if shape == "embedded":  # the smallest for goal 6, the CPU sizes for goal 5
+            return sorted({min(self.args.sizes), *self.cpu_sizes()})
+        if system == "lc-rabbitmq":  # goal 5 is all RabbitMQ's wide runs are for
+            return self.cpu_sizes()
+        sizes = list(self.args.sizes)
+        if shape == "layered":  # whole layers
+            width = self.args.layer_width
+            sizes = [width * max(1, round(n / width)) for n in sizes]
+        if system in ("luigi", "luigid"):
+            sizes = [n for n in sizes if n <= self.args.luigi_max]
+        return sizes
+
     # --- workers --------------------------------------------------------------------
 
     @contextmanager
-    def worker(self, kind: str, concurrency: int, settings: str = "stock") -> Iterator[Worker]:
-        with self.harness.worker(kind, concurrency, settings, self.warm_up) as worker:
+    def worker(self, kind: str, concurrency: int, settings: str = "stock", broker: str = "") -> Iterator[Worker]:
+        with self.harness.worker(kind, concurrency, settings, self.warm_up, broker) as worker:
             yield worker
 
     def warm_up(self, worker: Worker, concurrency: int) -> None:
         """A few untimed tasks, so no timed run pays for a pool process's first task."""
-        tag, out, log = self.harness.fresh(f"warmup-{worker.kind}")
+        tag, out, log = self.harness.fresh(f"warmup-{worker.kind}-{broker_label(worker.broker)}")
         if worker.kind == "lc":
             dag, _ = self.dag("wide", 2 * concurrency, tag, out)
-            command = [str(BIN / "luigi-celery"), "run", "--broker", self.args.broker, "--queue", worker.queue, *dag,
-                       "--workers", str(concurrency), "--local-scheduler"]  # fmt: skip
+            command = [*self.dispatcher(worker), *dag, "--workers", str(concurrency), "--local-scheduler"]
         else:
             command = self.raw_command(worker, 2 * concurrency)
         code, *_ = self.harness.execute(command, log)
@@ -121,10 +195,15 @@ class Bench:
             raise RuntimeError(f"warm-up on {worker.name} failed (exit {code}); see {log}")
         shutil.rmtree(out, ignore_errors=True)
 
+    @staticmethod
+    def dispatcher(worker: Worker) -> list[str]:
+        return [str(BIN / "luigi-celery"), "run", "--broker", worker.broker, "--queue", worker.queue]
+
     def raw_command(self, worker: Worker, count: int, seconds: float = 0.0, as_chain: bool = False) -> list[str]:
-        command = [sys.executable, "-m", "benchmarks.raw_celery", "--broker", self.args.broker,
-                   "--queue", worker.queue, "--count", str(count), "--settings", worker.settings,
-                   "--timeout", str(self.args.timeout)]  # fmt: skip
+        # The completion counter stays on Redis whatever the broker: one INCR costs the same for both.
+        command = [sys.executable, "-m", "benchmarks.raw_celery", "--broker", worker.broker,
+                   "--counter-url", self.args.broker, "--queue", worker.queue, "--count", str(count),
+                   "--settings", worker.settings, "--timeout", str(self.args.timeout)]  # fmt: skip
         if seconds:
             command += ["--seconds", str(seconds)]
         if as_chain:
@@ -141,7 +220,7 @@ class Bench:
             tag, out, log = self.harness.fresh(f"{row.shape}-{row.system}-{row.size}")
             dag, tasks = self.dag(make, row.size, tag, out)
             if worker is not None:
-                self.harness.lc_runs.append(([*dag, *self.dispatcher_tail(row)], worker.queue))
+                self.harness.lc_runs.append(([*dag, *self.dispatcher_tail(row)], worker.queue, worker.broker))
             code, seconds, rss, cpu, expired = self.harness.execute([*command, *dag, *self.dispatcher_tail(row)], log)
             outputs = len(list(out.glob("*.txt"))) if out.exists() else 0
             if expired:
@@ -160,7 +239,7 @@ class Bench:
             self.harness.report(row, seconds)
 
     def dispatcher_tail(self, row: Row) -> list[str]:
-        slots = SLEEP_SLOTS if row.shape == "sleep" else self.args.inflight if row.system in ("lc", "luigid") else 2
+        slots = SLEEP_SLOTS if row.shape == "sleep" else self.args.inflight if row.system in DISPATCHERS else 2
         if row.system == "luigid":
             return ["--workers", str(slots), "--scheduler-url", self.scheduler_url]
         return ["--workers", str(slots), "--local-scheduler"]
@@ -168,7 +247,7 @@ class Bench:
     def measure_raw(self, row: Row, worker: Worker, seconds: float = 0.0, as_chain: bool = False) -> None:
         for _ in range(self.args.repeat):
             self.harness.wait_ready(worker)
-            _, _, log = self.harness.fresh(f"{row.shape}-raw-{row.size}")
+            _, _, log = self.harness.fresh(f"{row.shape}-{row.system}-{row.size}")
             code, wall, _, _, expired = self.harness.execute(self.raw_command(worker, row.size, seconds, as_chain), log)
             reported = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"seconds"')]
             if expired or code != 0 or not reported:
@@ -182,136 +261,182 @@ class Bench:
 
     # --- the runs -----------------------------------------------------------------
 
-    def sizes_for(self, shape: str, system: str) -> list[int]:
-        if shape == "startup":
-            return [1]
-        if shape == "chain":
-            return [self.args.chain]
-        if shape == "sleep":
-            return [self.args.sleepers]
-        if shape == "embedded":
-            return [min(self.args.sizes)]
-        sizes = list(self.args.sizes)
-        if shape == "layered":  # whole layers
-            width = self.args.layer_width
-            sizes = [width * max(1, round(n / width)) for n in sizes]
-        if system == "luigi":
-            sizes = [n for n in sizes if n <= self.args.luigi_max]
-        return sizes
-
     def run_all(self) -> None:
+        # Each broker's luigi-celery runs next to its raw Celery runs: what they are compared with.
         self.run_luigi_celery()
         self.run_raw()
+        self.run_rabbitmq()
         self.run_luigi()
-        for shape in ("startup", "embedded"):
-            if self.wants(shape, "lc"):
-                size = self.sizes_for(shape, "lc")[0]
-                row = self.harness.row(shape, size, "embedded", "luigi-celery, embedded, --workers 2")
-                self.measure(row, [str(BIN / "luigi-celery"), "run"], None, "wide")
+        self.run_embedded()
 
     def run_luigi_celery(self) -> None:
-        def dispatcher(worker: Worker) -> list[str]:
-            return [str(BIN / "luigi-celery"), "run", "--broker", self.args.broker, "--queue", worker.queue]
-
-        shapes = [s for s in ("startup", "wide", "layered", "chain") if self.wants(s, "lc")]
-        if shapes:
-            with self.worker("lc", 2) as worker:
-                for shape in shapes:
-                    for size in self.sizes_for(shape, "lc"):
-                        variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}"
-                        self.measure(self.harness.row(shape, size, "lc", variant), dispatcher(worker), worker, shape)
-        luigid_sizes = [n for n in self.args.sizes if n <= self.args.luigi_max] if self.wants("wide", "luigid") else []
+        self.run_dispatcher("lc", self.args.broker, ("startup", "wide", "layered", "chain"))
+        luigid_sizes = self.sizes_for("wide", "luigid") if self.wants("wide", "luigid") else []
         if luigid_sizes:
             with self.worker("lc", 2) as worker, self.harness.luigid() as url:
                 self.scheduler_url = url
                 for size in luigid_sizes:
                     variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}, luigid"
-                    self.measure(self.harness.row("wide", size, "luigid", variant), dispatcher(worker), worker, "wide")
+                    row = self.harness.row("wide", size, "luigid", variant)
+                    self.measure(row, self.dispatcher(worker), worker, "wide")
         if self.wants("sleep", "lc"):
             with self.worker("lc", SLEEP_SLOTS) as worker:
                 variant = f"luigi-celery, redis, 1 worker x{SLEEP_SLOTS}, --workers {SLEEP_SLOTS}"
                 row = self.harness.row("sleep", self.args.sleepers, "lc", variant)
-                self.measure(row, dispatcher(worker), worker, "sleep")
+                self.measure(row, self.dispatcher(worker), worker, "sleep")
+
+    def run_dispatcher(self, system: str, broker: str, shapes: tuple[str, ...]) -> None:
+        """``shapes`` by luigi-celery over ``broker``, against one worker x2."""
+        shapes = tuple(s for s in shapes if self.wants(s, system))
+        if not shapes:
+            return
+        with self.worker("lc", 2, broker=broker) as worker:
+            for shape in shapes:
+                for size in self.sizes_for(shape, system):
+                    variant = f"luigi-celery, {broker_label(broker)}, 1 worker x2, --workers {self.args.inflight}"
+                    self.measure(self.harness.row(shape, size, system, variant), self.dispatcher(worker), worker, shape)
 
     def run_raw(self) -> None:
-        shapes = [s for s in ("wide", "chain") if self.wants(s, "raw")]
-        if shapes:
-            with self.worker("raw", 2) as worker:
-                for shape in shapes:
-                    for size in self.sizes_for(shape, "raw"):
-                        row = self.harness.row(shape, size, "raw", "raw Celery, 1 worker x2")
-                        self.measure_raw(row, worker, as_chain=shape == "chain")
-        if "wide" in shapes:
+        self.run_raw_x2("raw", self.args.broker, ("wide", "chain"))
+        if self.wants("wide", "raw"):
             with self.worker("raw", 2, "luigi-celery") as worker:
                 for size in self.sizes_for("wide", "raw"):
-                    row = self.harness.row("wide", size, "raw-lc", "raw Celery, 1 worker x2, luigi-celery settings")
-                    self.measure_raw(row, worker)
+                    variant = "raw Celery, redis, 1 worker x2, luigi-celery settings"
+                    self.measure_raw(self.harness.row("wide", size, "raw-lc", variant), worker)
         if self.wants("sleep", "raw"):
             with self.worker("raw", SLEEP_SLOTS) as worker:
-                row = self.harness.row("sleep", self.args.sleepers, "raw", f"raw Celery, 1 worker x{SLEEP_SLOTS}")
-                self.measure_raw(row, worker, seconds=SLEEP_SECONDS)
+                variant = f"raw Celery, redis, 1 worker x{SLEEP_SLOTS}"
+                self.measure_raw(self.harness.row("sleep", self.args.sleepers, "raw", variant), worker, SLEEP_SECONDS)
+
+    def run_raw_x2(self, system: str, broker: str, shapes: tuple[str, ...]) -> None:
+        """``shapes`` by raw Celery (stock settings) over ``broker``, against one worker x2."""
+        shapes = tuple(s for s in shapes if self.wants(s, system))
+        if not shapes:
+            return
+        with self.worker("raw", 2, broker=broker) as worker:
+            for shape in shapes:
+                for size in self.sizes_for(shape, system):
+                    row = self.harness.row(shape, size, system, f"raw Celery, {broker_label(broker)}, 1 worker x2")
+                    self.measure_raw(row, worker, as_chain=shape == "chain")
+
+    def run_rabbitmq(self) -> None:
+        """Goal 3's chains and goal 5's wide runs over RabbitMQ."""
+        self.run_dispatcher("lc-rabbitmq", self.args.rabbitmq, ("wide", "chain"))
+        self.run_raw_x2("raw-rabbitmq", self.args.rabbitmq, ("chain",))
 
     def run_luigi(self) -> None:
         for shape in ("startup", "wide", "layered", "chain", "sleep"):
             sizes = self.sizes_for(shape, "luigi") if self.wants(shape, "luigi") else []
             if shape == "wide" and self.wants("embedded", "luigi") and min(self.args.sizes) not in sizes:
-                sizes = [min(self.args.sizes), *sizes]  # goal 5 compares the embedded default with it
+                sizes = [min(self.args.sizes), *sizes]  # goal 6 compares the embedded default with it
             for size in sizes:
                 slots = SLEEP_SLOTS if shape == "sleep" else 2
                 row = self.harness.row(shape, size, "luigi", f"luigi --workers {slots} --local-scheduler")
                 self.measure(row, [str(BIN / "luigi")], None, shape)
 
+    def run_embedded(self) -> None:
+        for shape in ("startup", "embedded"):
+            if self.wants(shape, "lc"):
+                for size in self.sizes_for(shape, "embedded"):
+                    row = self.harness.row(shape, size, "embedded", "luigi-celery, embedded, --workers 2")
+                    self.measure(row, [str(BIN / "luigi-celery"), "run"], None, "wide")
+
     # --- goals -------------------------------------------------------------------
 
+    def seconds(self, shape: str, size: int, system: str) -> float | None:
+        return self.harness.seconds(shape, size, system)
+
+    def ran(self, shape: str, size: int, *systems: str) -> bool:
+        """Whether each of ``systems`` ran ``shape`` at ``size`` (well or not)."""
+        return all(self.harness.find(shape, size, system) for system in systems)
+
     def goals(self) -> list[Goal]:
-        a, found = self.args, self.harness.find
-        goals: list[Goal] = []
+        """The goal rows of issue 13, numbered as its goals are."""
+        return [*self.goal_1(), *self.goal_2(), *self.goal_3(), *self.goal_4(), *self.goal_5(), *self.goal_6()]
 
-        def ratio(top: float | None, bottom: float | None) -> float | None:
-            return top / bottom if top is not None and bottom else None
+    def goal_1(self) -> list[Goal]:
+        """Throughput against raw Celery on Redis at the largest N, with either of its settings."""
+        n, rows = max(self.args.sizes), []
+        for raw, settings, limit in (("raw", "stock", 0.75), ("raw-lc", "luigi-celery's delivery", 0.95)):
+            if self.ran("wide", n, "lc", raw):
+                value = ratio(self.seconds("wide", n, raw), self.seconds("wide", n, "lc"))  # tasks/s, inverted
+                what = f"tasks/s, luigi-celery / raw Celery with {settings} settings, redis"
+                rows.append(goal("1", "wide", n, what, value, ">=", limit))
+        return rows
 
-        def add(number: str, shape: str, size: int, what: str, value: float | None, target: str, limit: float,
-                at_least: bool, reference: bool = False) -> None:  # fmt: skip
-            met = None if reference or value is None else value >= limit if at_least else value <= limit
-            goals.append(Goal(number, shape, size, what, value, target, met))
+    def goal_2(self) -> list[Goal]:
+        """The speed-up over stock Luigi, at the largest N it ran."""
+        both = [n for n in self.args.sizes if self.ran("wide", n, "lc", "luigi")]
+        if not both:
+            return []
+        n = max(both)
+        value = ratio(self.seconds("wide", n, "luigi"), self.seconds("wide", n, "lc"))
+        return [goal("2", "wide", n, "speed-up, luigi-celery (redis) vs luigi --workers 2", value, ">=", 10)]
 
-        big, small = max(a.sizes), min(a.sizes)
-        if found("wide", big, "lc") and found("wide", big, "raw"):
-            value = ratio(self.harness.seconds("wide", big, "raw"), self.harness.seconds("wide", big, "lc"))
-            add("1", "wide", big, "tasks/s, luigi-celery / raw Celery", value, ">= 0.75", 0.75, True)
-        both = [n for n in a.sizes if found("wide", n, "lc") and found("wide", n, "luigi")]
-        if both:
-            n = max(both)
-            value = ratio(self.harness.seconds("wide", n, "luigi"), self.harness.seconds("wide", n, "lc"))
-            add("1", "wide", n, "speed-up vs luigi --workers 2", value, ">= 10", 10, True)
+    def goal_3(self) -> list[Goal]:
+        """Latency along a chain, against raw Celery's chain on the same broker."""
+        k, rows = self.args.chain, []
+
+        def per_hop(system: str) -> float | None:
+            seconds = self.seconds("chain", k, system)
+            return seconds * 1000 / k if seconds is not None else None
+
+        if self.ran("chain", k, "luigi"):
+            rows.append(ref("3", "chain", k, "ms per hop, luigi --workers 2", per_hop("luigi")))
+        for lc, raw, broker in (("lc", "raw", "redis"), ("lc-rabbitmq", "raw-rabbitmq", "rabbitmq")):
+            for system, name in ((lc, "luigi-celery"), (raw, "raw Celery chain")):
+                if self.ran("chain", k, system):
+                    rows.append(ref("3", "chain", k, f"ms per hop, {name}, {broker}", per_hop(system)))
+            if self.ran("chain", k, lc, raw):
+                value = ratio(per_hop(lc), per_hop(raw))
+                rows.append(
+                    goal("3", "chain", k, f"ms per hop, luigi-celery / raw Celery, {broker}", value, "<=", 1.25)
+                )
+        return rows
+
+    def goal_4(self) -> list[Goal]:
+        """Slow tasks over many slots: no more than raw Celery's time."""
+        n, rows = self.args.sleepers, []
+        ideal = n * SLEEP_SECONDS / SLEEP_SLOTS
+        for system, name in (("lc", "luigi-celery"), ("raw", "raw Celery"), ("luigi", "luigi")):
+            if self.ran("sleep", n, system):
+                value = ratio(self.seconds("sleep", n, system), ideal)
+                rows.append(ref("4", "sleep", n, f"time / ideal {ideal:.2f} s, {name}", value))
+        if self.ran("sleep", n, "lc", "raw"):
+            value = ratio(self.seconds("sleep", n, "lc"), self.seconds("sleep", n, "raw"))
+            rows.append(goal("4", "sleep", n, "time, luigi-celery / raw Celery, redis", value, "<=", 1.05))
+        return rows
+
+    def goal_5(self) -> list[Goal]:
+        """The dispatcher's CPU per task, on each broker and embedded."""
+        rows = []
+        for n in self.cpu_sizes():
+            for shape, system, where in CPU_ROWS:
+                row = self.harness.find(shape, n, system)
+                if row:
+                    value = statistics.median(row.cpu) * 1000 / n if row.cpu and not row.problems else None
+                    rows.append(goal("5", shape, n, f"CPU ms per task, luigi-celery run, {where}", value, "<=", 0.4))
+        return rows
+
+    def goal_6(self) -> list[Goal]:
+        """Kept from before: linear cost, bounded memory, a fast embedded default."""
+        rows = []
         for shape in ("wide", "layered"):
             sizes = self.sizes_for(shape, "lc")
             hi, lo = max(sizes), min(sizes)
-            if hi > lo and found(shape, hi, "lc") and found(shape, lo, "lc"):
-                limit = 1.1 * hi / lo
-                value = ratio(self.harness.seconds(shape, hi, "lc"), self.harness.seconds(shape, lo, "lc"))
-                add("2", shape, hi, f"t({hi}) / t({lo}), luigi-celery", value, f"<= {limit:.1f}", limit, False)
-        for system, name in (("lc", "luigi-celery"), ("luigi", "luigi"), ("raw", "raw Celery")):
-            if found("chain", a.chain, system):
-                seconds = self.harness.seconds("chain", a.chain, system)
-                value = seconds * 1000 / a.chain if seconds is not None else None
-                add("3", "chain", a.chain, f"ms per hop, {name}", value, "<= 3", 3, False, system != "lc")
-        ideal = a.sleepers * SLEEP_SECONDS / SLEEP_SLOTS
-        for system, name in (("lc", "luigi-celery"), ("luigi", "luigi"), ("raw", "raw Celery")):
-            if found("sleep", a.sleepers, system):
-                value = ratio(self.harness.seconds("sleep", a.sleepers, system), ideal)
-                add("3", "sleep", a.sleepers, f"time / ideal {ideal:.2f} s, {name}", value, "<= 1.10", 1.1, False,
-                    system != "lc")  # fmt: skip
-        row = found("wide", big, "lc")
+            if hi > lo and self.ran(shape, hi, "lc") and self.ran(shape, lo, "lc"):
+                value = ratio(self.seconds(shape, hi, "lc"), self.seconds(shape, lo, "lc"))
+                rows.append(goal("6", shape, hi, f"t({hi}) / t({lo}), luigi-celery, redis", value, "<=", 1.1 * hi / lo))
+        big = max(self.args.sizes)
+        row = self.harness.find("wide", big, "lc")
         if row:
             value = max(row.rss_mb) if row.rss_mb and not row.problems else None
-            add("4", "wide", big, "dispatcher peak RSS MB, luigi-celery", value, "<= 250", 250, False)
-        if found("embedded", small, "embedded") and found("wide", small, "luigi"):
-            value = ratio(
-                self.harness.seconds("wide", small, "luigi"), self.harness.seconds("embedded", small, "embedded")
-            )
-            add("5", "embedded", small, "speed-up, embedded vs luigi --workers 2", value, ">= 2", 2, True)
-        return goals
+            rows.append(goal("6", "wide", big, "dispatcher peak RSS MB, luigi-celery, redis", value, "<=", 250))
+        small = min(self.args.sizes)
+        if self.ran("embedded", small, "embedded") and self.ran("wide", small, "luigi"):
+            value = ratio(self.seconds("wide", small, "luigi"), self.seconds("embedded", small, "embedded"))
+            rows.append(goal("6", "embedded", small, "speed-up, embedded vs luigi --workers 2", value, ">=", 2))
+        return rows
 
 
 def _sizes(text: str) -> list[int]:
@@ -331,7 +456,8 @@ def _only(text: str) -> list[str]:
 
 def make_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="the broker every variant uses")
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="the Redis of every Redis variant")
+    parser.add_argument("--rabbitmq", default=RABBITMQ, help="the RabbitMQ of lc-rabbitmq and raw-rabbitmq")
     parser.add_argument("--sizes", type=_sizes, default=[1000, 3000, 10000], help="N for wide and layered")
     parser.add_argument("--layer-width", type=int, default=100, help="tasks per layer of the layered DAG")
     parser.add_argument("--chain", type=int, default=300, help="tasks in the chain")
@@ -354,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop every worker on a kill too, not only on Ctrl-C
     bench = Bench(args)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"luigi-celery scale benchmark: broker {args.broker}, {os.cpu_count()} CPUs, load {load}, "
-          f"Python {platform.python_version()}; work folder {bench.harness.work}", file=sys.stderr)  # fmt: skip
+    print(f"luigi-celery scale benchmark: brokers {args.broker} and {args.rabbitmq}, {os.cpu_count()} CPUs, "
+          f"load {load}, Python {platform.python_version()}; work folder {bench.harness.work}",
+          file=sys.stderr)  # fmt: skip
     interrupted = False
     try:
         bench.run_all()
@@ -368,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         bench.harness.procs.stop_all()
-        bench.harness.clean_broker()
+        bench.harness.clean_brokers()
     print()
     print(f"# {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
     print(f"# {os.cpu_count()} CPUs, load {load} at start, {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end")
