@@ -443,31 +443,46 @@ class ListeningLeaf(ContractLeaf):
     accepts_messages = True
 
 
+class RelayingSender(InstantSender):
+    """As a task is sent, the scheduler has a message for it (Luigi's keep-alive thread hands it
+    to the worker); what is relayed to the task's worker is kept, and each is answered twice:
+    once as itself, once as a message nobody sent."""
+
+    def __init__(self, worker_of):
+        super().__init__()
+        self.worker_of = worker_of  # () -> the CeleryWorker (made after this sender)
+        self.relayed = []
+
+    def send(self, flight):
+        self.worker_of()._handle_rpc_message({"name": "dispatch_scheduler_message", "kwargs": {
+            "task_id": flight.task.task_id, "message_id": "m-1", "content": "pause"}})  # fmt: skip
+        super().send(flight)
+
+    def relay(self, flight, message_id, content, payload):
+        self.relayed.append((message_id, content, payload))
+        for answered in (message_id, "m-forged"):
+            value = {"message_id": answered, "response": f"{content}d"}
+            flight.on_status(m.StatusMessage("x", flight.task.task_id, "scheduler_message_response", value))
+
+
+def _run_with_a_message(task, scheduler):
+    ContractLeaf.done.clear()
+    made: list[CeleryWorker] = []
+    sender = RelayingSender(lambda: made[0])
+    worker = CeleryWorker(scheduler=scheduler, worker_processes=1, sender=sender)  # type: ignore[arg-type]
+    made.append(worker)
+    with worker:
+        worker.add(task)
+        worker.run()
+    return sender.relayed
+
+
 def test_a_message_from_the_scheduler_is_relayed_and_only_its_own_response_reaches_the_scheduler():
     # Given a dispatcher running a task that accepts messages, whose worker answers any message
     # it is relayed, and also answers a message nobody sent
     scheduler = luigi.scheduler.Scheduler(send_messages=True)
-    relayed = []
-
-    class RelayingSender(InstantSender):
-        def send(self, flight):
-            # (as Luigi's keep-alive thread does, once the scheduler had a message for the task)
-            worker._handle_rpc_message({"name": "dispatch_scheduler_message", "kwargs": {
-                "task_id": flight.task.task_id, "message_id": "m-1", "content": "pause"}})  # fmt: skip
-            super().send(flight)
-
-        def relay(self, flight, message_id, content, payload):
-            relayed.append((message_id, content, payload))
-            for answered in (message_id, "m-forged"):
-                value = {"message_id": answered, "response": f"{content}d"}
-                flight.on_status(m.StatusMessage("x", flight.task.task_id, "scheduler_message_response", value))
-
-    ContractLeaf.done.clear()
     task = ListeningLeaf(n=8)
-    worker = CeleryWorker(scheduler=scheduler, worker_processes=1, sender=RelayingSender())  # type: ignore[arg-type]
-    with worker:
-        worker.add(task)
-        worker.run()
+    relayed = _run_with_a_message(task, scheduler)
     # Then the message went on to the worker, and the response to it reached the scheduler
     assert relayed == [("m-1", "pause", {})]
     assert scheduler.get_scheduler_message_response(task.task_id, "m-1") == {"response": "paused"}
@@ -476,20 +491,5 @@ def test_a_message_from_the_scheduler_is_relayed_and_only_its_own_response_reach
 
 
 def test_a_task_that_does_not_accept_messages_is_relayed_none():
-    relayed = []
-
-    class RelayingSender(InstantSender):
-        def send(self, flight):
-            worker._handle_rpc_message({"name": "dispatch_scheduler_message", "kwargs": {
-                "task_id": flight.task.task_id, "message_id": "m-1", "content": "pause"}})  # fmt: skip
-            super().send(flight)
-
-        def relay(self, flight, message_id, content, payload):
-            relayed.append(message_id)
-
-    ContractLeaf.done.clear()
-    worker = CeleryWorker(scheduler=luigi.scheduler.Scheduler(), worker_processes=1, sender=RelayingSender())  # type: ignore[arg-type]
-    with worker:
-        worker.add(ContractLeaf(n=9))
-        worker.run()
+    relayed = _run_with_a_message(ContractLeaf(n=9), luigi.scheduler.Scheduler(send_messages=True))
     assert relayed == []  # (as Luigi's worker puts nothing on a queue such a task does not have)
