@@ -234,25 +234,26 @@ def test_a_wrapper_task_runs_and_calls_on_success_like_stock_luigi(redis_pool, t
 
 
 def test_a_task_that_raises_systemexit_or_keyboardinterrupt_fails_once_as_under_stock_luigi(redis_pool, tmp_path):
-    # Given tasks whose run() raises SystemExit and KeyboardInterrupt, run by stock Luigi and by us
-    stock = stock_luigi("--module", "tests.pipelines", "ExitsOrInterrupts", "--out", str(tmp_path / "stock"))
+    # Given tasks whose run() raises SystemExit and KeyboardInterrupt, run by us; stock Luigi runs
+    # the SystemExit one for reference (its KeyboardInterrupt child dies of it, and its worker may
+    # start it again several times, or hang, before its run ends: no reference to compare with)
+    stock = stock_luigi("--module", "tests.pipelines", "ExitsInRun", "--out", str(tmp_path / "stock"))
     began = time.monotonic()
     ours = redis_pool.run("--module", "tests.pipelines", "ExitsOrInterrupts", "--out", str(tmp_path / "ours"),
                           "--workers", "2", timeout=120)  # fmt: skip
-    # Then both fail them, with the same summary and exit code, soon (not redelivered again and again)
+    # Then we fail both, soon (not redelivered again and again), as stock Luigi fails its own
     assert (stock.returncode, ours.returncode) == (30, 30), ours.stdout[-3000:]
-    assert summary(ours.stdout, tmp_path / "ours") == summary(stock.stdout, tmp_path / "stock")
+    assert "* 2 failed:" in summary(ours.stdout, tmp_path / "ours")
+    assert "* 1 failed:" in summary(stock.stdout, tmp_path / "stock")
     assert time.monotonic() - began < 60
     # and each ran once, SystemExit with the events stock Luigi fires (on_failure: FAILURE), and
-    # KeyboardInterrupt with none (stock Luigi's child dies of it, and its worker may start it
-    # again several times before the run ends: once is enough)
+    # KeyboardInterrupt with none (Luigi's task process re-raises it, past on_failure)
     theirs = sorted((event, task) for event, task, _ in events(tmp_path / "stock"))
     ours_events = sorted((event, task) for event, task, _ in events(tmp_path / "ours"))
     exits = [(event, task) for event, task in ours_events if task.startswith("ExitsInRun")]
-    assert exits == [(event, task) for event, task in theirs if task.startswith("ExitsInRun")]
+    assert exits == theirs
     assert [event for event, _ in exits] == ["FAILURE", "START"]
     assert [event for event, task in ours_events if task.startswith("InterruptsInRun")] == ["START"]
-    assert {event for event, task in theirs if task.startswith("InterruptsInRun")} == {"START"}
 
 
 def test_a_worker_timeout_that_runs_out_before_run_starts_is_a_timeout(redis_pool, tmp_path):
