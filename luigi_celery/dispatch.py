@@ -162,12 +162,13 @@ class CeleryWorker(luigi.worker.Worker):
         self._running(task.task_id, False)  # queued, until a worker says it runs it
         reporter = luigi.worker.TaskStatusReporter(self._scheduler, task.task_id, self._id, None)
         timeout = task.worker_timeout if task.worker_timeout is not None else self._config.timeout
-        # a response to a message from the scheduler (relayed by dispatch_scheduler_message)
-        answer = functools.partial(self._scheduler.add_scheduler_message_response, task.task_id)
+        answer = None  # how a response to a message from the scheduler reaches it (dispatch_scheduler_message)
+        if task.accepts_messages:
+            answer = functools.partial(self._scheduler.add_scheduler_message_response, task.task_id)
         return CeleryTaskProcess(
             task, self._sender, self._task_result_queue, reporter, timeout or None, self._record_failure,
             self._running, self._config.check_unfulfilled_deps, self._config.check_complete_on_run,
-            self._config.cache_task_completion, answer=answer if task.accepts_messages else None,
+            self._config.cache_task_completion, answer=answer,
         )  # fmt: skip
 
     @luigi.worker.rpc_message_callback

@@ -7,8 +7,8 @@ it on the task's ``scheduler_messages`` queue, and the task may ``respond()`` to
 Here the task runs on another machine. The dispatcher (Luigi's worker) publishes the
 message to the attempt's own inbox on the broker, a queue named by the attempt's random
 token (:func:`post`). Inside ``run()`` the task reads it through :class:`Inbox`, which has
-the methods of the queue Luigi gives (``empty``, ``get``, ``get_nowait``); a response
-travels back as a status reply, and the dispatcher hands it to the scheduler.
+the methods a task reads Luigi's queue with (``empty``, ``get``, ``get_nowait``); a
+response travels back as a status reply, and the dispatcher hands it to the scheduler.
 
 As under Luigi, messages are best effort: one sent to an attempt that has ended is
 dropped, with its inbox, when the run closes.
@@ -123,11 +123,6 @@ class Inbox:
         if not self._taken:
             self._take()
         return not self._taken
-
-    def qsize(self) -> int:
-        while self._take():
-            pass
-        return len(self._taken)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Received:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -53,6 +53,7 @@ def track(flight: Flight, default_queue: str, local_ok: bool = False, **fields: 
         task_id=task.task_id, module=task.task_module, family=task.task_family, params=params, attempt=1,
         worker_timeout=flight.worker_timeout or None, check_unfulfilled_deps=flight.check_unfulfilled_deps,
         check_complete_on_run=flight.check_complete_on_run, cache_task_completion=flight.cache_task_completion,
+        token="",  # (each attempt gets its own when it is sent or adopted: ledger.py)
         **fields,
     )  # fmt: skip
     publish_options: dict[str, Any] = {"queue": options.queue or default_queue, "priority": options.priority}
