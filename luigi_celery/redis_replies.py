@@ -2,8 +2,8 @@
 
 kombu's Redis transport gives a consumer one message per BRPOP: on a wide DAG the reply
 watcher paid a round trip, and kombu's poller, for every task. Here the watcher pops up to
-:data:`BULK` replies with one RPOP (Redis 6.2 and later take a count) and waits in BRPOP
-only when the queue is empty.
+:data:`BULK` replies in one round trip, and waits in the same one when none is there yet:
+BLMPOP on Redis 7; before, an RPOP with a count (6.2) and a BRPOP when the queue is empty.
 
 The list holds kombu's message envelopes: JSON with the body (base64, or text) and its
 content type. :func:`decode` reads them itself, JSON only, as the kombu consumer it replaces
@@ -39,19 +39,33 @@ class RedisReplies:
 
     def __init__(self, channel: Any, name: str) -> None:
         # kombu's client for the channel: its database, password and TLS, and the key prefix
-        # (transport option global_keyprefix) added to every key
+        # (transport option global_keyprefix) it adds to the keys of the commands it knows
         self._client = channel.client
         self._key = name  # (priority 0, the only one replies are published with, is the plain list)
-        self._bulk = True
+        self._prefixed_key = getattr(self._client, "global_keyprefix", "") + name
+        self._blocking_bulk = True  # BLMPOP: Redis 7
+        self._bulk = True  # RPOP with a count: Redis 6.2
         self._client.ping()
 
     def take(self, timeout: float) -> list[bytes]:
         """The replies waiting, oldest first; if none, the first to come within ``timeout`` seconds."""
+        if self._blocking_bulk:
+            try:
+                return self._blocking_pop_many(timeout)
+            except redis.ResponseError:  # a Redis before 7: a round trip more when the queue is empty
+                self._blocking_bulk = False
         items = self._pop_many()
         if items:
             return items
         popped = self._client.brpop([self._key], timeout=timeout)
         return [popped[1]] if popped else []
+
+    def _blocking_pop_many(self, timeout: float) -> list[bytes]:
+        # One round trip, whether replies wait or the first is yet to come. kombu's prefixing client
+        # does not know BLMPOP: the command goes to redis-py as it is, with the prefixed key.
+        command = ("BLMPOP", timeout, 1, self._prefixed_key, "RIGHT", "COUNT", BULK)
+        popped = redis.Redis.execute_command(self._client, *command)
+        return list(popped[1]) if popped else []
 
     def _pop_many(self) -> list[bytes]:
         if self._bulk:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import threading
 import uuid
 import zlib
 from typing import Any
 
 import pytest
+import redis
 from kombu import Connection
 
 from luigi_celery import redis_replies
@@ -95,3 +97,37 @@ def test_the_watcher_takes_many_replies_a_round_trip_in_order_and_drops_hostile_
         watcher.join(5)
         with Connection(REDIS_URL) as conn:
             reply_queue(name)(conn.default_channel).delete()
+
+
+@pytest.mark.parametrize("prefix", ["", "lc-prefix-"])
+def test_each_take_is_one_round_trip_whether_replies_wait_or_come_later(monkeypatch, prefix) -> None:
+    # Given a reply queue on Redis (behind kombu's key prefix, when the transport has one)
+    name = reply_queue_name(f"trips-{uuid.uuid4().hex[:8]}")
+    with Connection(REDIS_URL, transport_options={"global_keyprefix": prefix}) as conn:
+        client = conn.default_channel.client
+        replies = redis_replies.RedisReplies(conn.default_channel, name)
+        commands: list[str] = []
+        real = redis.Redis.execute_command
+
+        def counted(self, *args, **kwargs):
+            commands.append(str(args[0]))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(redis.Redis, "execute_command", counted)
+        try:
+            # When three replies wait / Then one take, one command, hands over all three, oldest first
+            client.lpush(name, _envelope(1), _envelope(2), _envelope(3))
+            commands.clear()
+            assert [redis_replies.decode(i) for i in replies.take(timeout=1)] == [1, 2, 3]
+            assert len(commands) == 1
+            # and a take that waits for the next reply to come is one command too
+            later = threading.Timer(0.2, lambda: client.lpush(name, _envelope(4)))
+            later.start()
+            commands.clear()
+            assert [redis_replies.decode(i) for i in replies.take(timeout=5)] == [4]
+            assert len([c for c in commands if c != "LPUSH"]) == 1  # (the LPUSH is the timer's)
+            # and a quiet queue gives nothing once its timeout is out
+            assert replies.take(timeout=0.1) == []
+        finally:
+            monkeypatch.undo()
+            client.delete(name)
