@@ -21,6 +21,7 @@ WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import functools
 import logging
 import queue
@@ -58,7 +59,112 @@ RETCODE_DEFAULTS = {
     "unhandled_exception": 40,
 }
 
-class CeleryWorker(luigi.worker.Worker):
+class BatchedLoop(luigi.worker.Worker):
+    """Luigi's worker loop (``Worker.run``), with work handed out in batches.
+
+    Luigi's loop asks its scheduler for one task, starts it and asks again, and between two
+    asks handles one result: with N tasks in flight, once a task ends, every later round
+    of the loop hands out one task. Here, every result that has come is handled before the
+    loop asks again, and a scheduler that can (``FastScheduler.get_work_many``, the local
+    one) hands out a task for every free slot in one call. Each task is still started
+    by Luigi's ``_run_task`` and each result handled by its ``_handle_next_task``; a
+    scheduler that cannot (a luigid) is asked through Luigi's own ``_get_work``.
+
+    Luigi's own worker, keep-alive, priority, resource and execution-summary tests run
+    with this loop in place of Luigi's (``tests/test_luigi_scheduler_suite.py``), and
+    ``test_luigi_contract.py`` pins the Luigi code it follows.
+    """
+
+    def run(self) -> bool:
+        logger.info("Running Worker with %d processes", self.worker_processes)
+        sleeper = self._sleeper()
+        self.run_succeeded = True
+        self._add_worker()
+        while True:
+            if len(self._running_tasks) >= self.worker_processes > 0:
+                logger.debug("%d running tasks, waiting for next task to finish", len(self._running_tasks))
+                while len(self._running_tasks) >= self.worker_processes > 0:
+                    self._handle_results()
+            responses = self._get_work_batch()
+            last = responses[-1]
+            if False:
+                self._start_phasing_out()
+            handed_out = [r.task_id for r in responses if r.task_id is not None]
+            if handed_out:
+                logger.debug("Pending tasks: %s", last.n_pending_tasks)
+                for task_id in handed_out:
+                    self._run_task(task_id)
+                continue
+            if not self._stop_requesting_work:
+                self._log_remote_tasks(last)
+            if len(self._running_tasks) == 0:
+                self._idle_since = self._idle_since or datetime.datetime.now()
+                if self._keep_alive(last):
+                    next(sleeper)
+                    continue
+                break
+            self._handle_results()
+        while len(self._running_tasks):
+            logger.debug("Shut down Worker, %d more tasks to go", len(self._running_tasks))
+            self._handle_results()
+        return bool(self.run_succeeded)
+
+    def _handle_results(self) -> None:
+        """Luigi's ``_handle_next_task`` (which waits up to ``wait_interval`` for one result),
+        then again for each result that has come meanwhile, without waiting."""
+        running = len(self._running_tasks)
+        self._handle_next_task()
+        waits = self._config.wait_interval
+        try:
+            self._config.wait_interval = 0
+            while self._running_tasks and len(self._running_tasks) < running:  # (each result ends one task)
+                running = len(self._running_tasks)
+                self._handle_next_task()
+        finally:
+            self._config.wait_interval = waits
+
+    def _get_work_batch(self) -> list[luigi.worker.GetWorkResponse]:
+        """What the scheduler hands out for the free slots: one response per task, the last
+        one possibly with no task (Luigi's ``_get_work``, once per task, where it cannot)."""
+        free = self.worker_processes - len(self._running_tasks)
+        get_work_many = getattr(self._scheduler, "get_work_many", None)
+        if get_work_many is None or free <= 1 or self._stop_requesting_work:
+            return [self._get_work()]
+        logger.debug("Asking scheduler for work...")
+        replies = get_work_many(
+            free, worker=self._id, host=self.host, assistant=self._assistant, current_tasks=list(self._running_tasks)
+        )
+        return [self._work_response(reply) for reply in replies]
+
+    def _work_response(self, r: dict[str, Any]) -> luigi.worker.GetWorkResponse:
+        """Luigi's ``_get_work`` from the scheduler's reply ``r`` on (its code)."""
+        running_tasks = r["running_tasks"]
+        task_id = self._get_work_task_id(r)
+        self._get_work_response_history.append({"task_id": task_id, "running_tasks": running_tasks})
+        if task_id is not None and task_id not in self._scheduled_tasks:
+            logger.info("Did not schedule %s, will load it dynamically", task_id)
+            try:
+                self._scheduled_tasks[task_id] = luigi.worker.load_task(
+                    module=r.get("task_module"), task_name=r["task_family"], params_str=r["task_params"]
+                )
+            except luigi.worker.TaskClassException as ex:
+                self._handle_task_load_error(ex, [task_id])
+                task_id = None
+                self.run_succeeded = False
+        if task_id is not None and "batch_task_ids" in r:
+            batch_tasks = filter(None, [self._scheduled_tasks.get(batch_id) for batch_id in r["batch_task_ids"]])
+            self._batch_running_tasks[task_id] = batch_tasks
+        return luigi.worker.GetWorkResponse(
+            task_id=task_id,
+            running_tasks=running_tasks,
+            n_pending_tasks=r["n_pending_tasks"],
+            n_unique_pending=r["n_unique_pending"],
+            n_pending_last_scheduled=r.get("n_pending_last_scheduled", 0),
+            worker_state=r.get("worker_state", luigi.worker.WORKER_STATE_ACTIVE),
+        )
+
+
+class CeleryWorker(BatchedLoop):
     """A Luigi worker that dispatches every task it is given to Celery.
 
     ``--workers N`` keeps N tasks in flight, not counting tasks that wait on

@@ -167,6 +167,22 @@ class FastScheduler(luigi_scheduler.Scheduler):
         finally:
             self._timed_prune = False
 
+    def get_work_many(self, limit: int, current_tasks: Any = None, **kwargs: Any) -> list[Any]:
+        """The replies of up to ``limit`` calls of ``get_work`` in a row, by a worker that starts
+        each task handed out before it asks again (its ``current_tasks`` grow by each one);
+        the last reply is the first with no task, or the ``limit``-th. One call of the worker's
+        loop for as many tasks as it has free slots (dispatch.BatchedLoop)."""
+        current = list(current_tasks) if current_tasks is not None else None
+        replies = []
+        for _ in range(max(1, limit)):
+            reply = self.get_work(current_tasks=current, **kwargs)
+            replies.append(reply)
+            if reply["task_id"] is None:
+                break
+            if current is not None:
+                current.append(reply["task_id"])
+        return replies
+
     def count_pending(self, worker: Any) -> Any:
         if not self._answers_for(worker) or self._state._status_tasks[DISABLED]:
             return super().count_pending(worker)

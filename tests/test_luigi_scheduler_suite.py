@@ -1,5 +1,6 @@
-"""Luigi's own scheduler, worker, task and parameter tests, run against FastScheduler and with
-``Task.get_params`` remembered (params.py), as in a dispatcher.
+"""Luigi's own scheduler, worker, task and parameter tests, run against FastScheduler, with
+``Task.get_params`` remembered (params.py) and with the dispatcher's worker loop
+(``dispatch.BatchedLoop``) in place of Luigi's, as in a dispatcher.
 
 Luigi's wheel does not ship its tests: ``scripts/setup test`` fetches the sdist of the
 installed Luigi once (into ``.cache/``, which git ignores; ``tests/luigi_suite/fetch.py``),
@@ -58,17 +59,21 @@ def luigi_tests() -> Path:
 
 def test_luigis_own_scheduler_tests_pass_against_fast_scheduler(tmp_path: Path) -> None:
     tests = luigi_tests()
-    calls = tmp_path / "fast-calls"
+    calls, batched = tmp_path / "fast-calls", tmp_path / "batched-tasks"
     config = tests.parent / "pytest.ini"  # not ours: Luigi's tests use markers ours would refuse
     config.write_text("[pytest]\n")
     deselect = [arg for test in FAILING_WITHOUT_US for arg in ("--deselect", f"test/{test}")]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-c", str(config), "-p", "no:cacheprovider",
          "-p", "tests.luigi_suite.fast_scheduler", "-p", "tests.luigi_suite.param_cache",
+         "-p", "tests.luigi_suite.batched_loop",
          "-W", "ignore", *deselect, *(f"test/{suite}" for suite in SUITES)],
         cwd=tests.parent, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "LUIGI_CELERY_FAST_CALLS": str(calls)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "LUIGI_CELERY_FAST_CALLS": str(calls),
+             "LUIGI_CELERY_BATCHED_TASKS": str(batched)},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:]
     # The fast path answered a good part of it, not only Luigi's own method
     assert int(calls.read_text()) > 1000
+    # and the dispatcher's loop handed out tasks in batches, not only one by one
+    assert int(batched.read_text()) > 0
