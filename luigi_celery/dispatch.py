@@ -4,6 +4,8 @@ This is the only module of the dispatcher that touches Luigi's private API
 (on a worker, ``taskprocess.py`` is the only one):
 ``Worker._create_task_process``, ``Worker._task_result_queue``, ``Worker._task_completion_cache``,
 ``Worker._scheduled_tasks``, ``Worker._add_task``, ``Worker._add``, ``Worker._validate_task``,
+the loop's (``Worker.run``, ``_get_work``, ``_run_task``, ``_handle_next_task`` and what they
+keep: see ``BatchedLoop``),
 ``interface._WorkerSchedulerFactory``,
 ``interface._run`` and ``execution_summary._summary_dict/_root_task``.
 ``tests/test_luigi_contract.py`` lists every attribute Luigi reads from
@@ -11,8 +13,8 @@ the process-like :class:`~luigi_celery.process.CeleryTaskProcess` this worker
 hands it, so a Luigi upgrade fails there, loudly.
 
 Luigi keeps doing everything else: resolving the DAG, asking its scheduler
-for work, keeping ``--workers`` tasks in flight, handling results, dynamic
-dependencies, the execution summary. Tasks with nothing to run (a
+for work (in batches: ``BatchedLoop``), keeping ``--workers`` tasks in flight,
+handling results, dynamic dependencies, the execution summary. Tasks with nothing to run (a
 WrapperTask) run here, in Luigi's own ``TaskProcess``, as under ``luigi
 --workers 1``. (The local scheduler's internals are touched in
 ``scheduler.py`` only.)

@@ -31,6 +31,7 @@ from luigi.event import Event
 from luigi_celery import message as m
 from luigi_celery.dispatch import CeleryWorker, CeleryWorkerSchedulerFactory, nothing_to_run
 from luigi_celery.process import CeleryTaskProcess, ResultQueue
+from luigi_celery.scheduler import FastScheduler
 from luigi_celery.sender import Sender
 
 # Every attribute Luigi reads from the object _create_task_process returns.
@@ -52,10 +53,21 @@ PRIVATE_WORKER_API = (
     "_create_task_process", "_task_result_queue", "_scheduled_tasks", "_running_tasks", "_config", "_add_task",
     "_task_completion_cache", "_id", "_add", "_validate_task", "_log_unexpected_error", "_email_unexpected_error",
     "_first_task", "add_succeeded",
+    # BatchedLoop's
+    "_sleeper", "_add_worker", "_get_work", "_run_task", "_handle_next_task", "_log_remote_tasks", "_keep_alive",
+    "_start_phasing_out", "_stop_requesting_work", "_idle_since", "_get_work_task_id", "_get_work_response_history",
+    "_handle_task_load_error", "_batch_running_tasks", "_assistant", "host", "run_succeeded",
 )  # fmt: skip
 
 # CeleryWorker._add_with follows Luigi's Worker.add of this source (Luigi 3.8.1); re-read it when this changes.
 LUIGI_WORKER_ADD_SHA256 = "df29ac40ebe34f10d133dce143aec059c99b05b3776795fc8078aa3967214707"
+# BatchedLoop follows Luigi's Worker.run and the end of its _get_work, and counts on each result
+# _handle_next_task handles ending one running task: re-read them when one of these changes.
+LUIGI_LOOP_SHA256 = {
+    "run": "004754fa292849502afe669ff326d9a09122c96dfe38544865ac4682ade63f0f",
+    "_get_work": "d04681f9e82da91cd0263ad5f6e244b3d2a2ade07e0d8a4366af088056b3990e",
+    "_handle_next_task": "5ecc3643b1084c451967d562ed66823d2adecfa4d077b2b69b2059e74d19baf5",
+}
 
 
 def _process_attribute_reads(cls: type) -> set[str]:
@@ -124,6 +136,8 @@ def test_the_private_worker_api_we_use_still_exists():
     assert list(taken)[:4] == ["task", "worker_id", "result_queue", "status_reporter"]
     # the loop the parallel complete() checks copy, and the function they call
     assert hashlib.sha256(inspect.getsource(luigi.worker.Worker.add).encode()).hexdigest() == LUIGI_WORKER_ADD_SHA256
+    for name, digest in LUIGI_LOOP_SHA256.items():
+        assert hashlib.sha256(inspect.getsource(getattr(luigi.worker.Worker, name)).encode()).hexdigest() == digest
     assert list(inspect.signature(luigi.worker.check_complete).parameters) == ["task", "out_queue", "completion_cache"]
     # the scheduler's messages for a running task, which CeleryWorker relays (Luigi calls it by name)
     relay = inspect.signature(luigi.worker.Worker.dispatch_scheduler_message).parameters
@@ -493,3 +507,54 @@ def test_a_message_from_the_scheduler_is_relayed_and_only_its_own_response_reach
 def test_a_task_that_does_not_accept_messages_is_relayed_none():
     relayed = _run_with_a_message(ContractLeaf(n=9), luigi.scheduler.Scheduler(send_messages=True))
     assert relayed == []  # (as Luigi's worker puts nothing on a queue such a task does not have)
+
+
+class BurstSender(InstantSender):
+    """Replies to the tasks in flight all at once, when ``slots`` of them are (or the run is at its end)."""
+
+    def __init__(self, slots: int, total: int):
+        super().__init__()
+        self.slots, self.total = slots, total
+        self.in_flight: list = []
+        self.most_in_flight = 0
+
+    def send(self, flight):
+        self.sent.append(flight.task.task_id)
+        self.in_flight.append(flight)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        if len(self.in_flight) == self.slots or len(self.sent) == self.total:
+            burst, self.in_flight = self.in_flight, []
+            threading.Thread(target=self._reply, args=(burst,)).start()
+
+    def _reply(self, burst):
+        for flight in burst:
+            ContractLeaf.done.add(flight.task.task_id)
+            flight.on_result(m.ResultMessage(celery_id="x", task_id=flight.task.task_id, status=m.DONE))
+
+
+class WideRoot(luigi.WrapperTask):
+    def requires(self):
+        return [ContractLeaf(n=i) for i in range(12)]
+
+
+def test_the_loop_hands_out_a_task_for_each_free_slot_in_one_call_and_keeps_the_cap(monkeypatch):
+    # Given four slots, and replies that come four at a time
+    sender = BurstSender(slots=4, total=12)
+    factory = CeleryWorkerSchedulerFactory(cast(Sender, sender))
+    calls: list[int] = []
+    own = FastScheduler.get_work_many
+
+    def counted(self, limit, **kwargs):
+        replies = own(self, limit, **kwargs)
+        calls.append(len([r for r in replies if r["task_id"] is not None]))
+        return replies
+
+    monkeypatch.setattr(FastScheduler, "get_work_many", counted)
+    ContractLeaf.done.clear()
+    # When Luigi runs twelve tasks
+    result = luigi.build([WideRoot()], worker_scheduler_factory=factory, local_scheduler=True, workers=4)
+    # Then all ran, never more than four at once, and each burst of four results was
+    # answered by four tasks handed out in one call
+    assert result is True and len(sender.sent) == 12
+    assert sender.most_in_flight == 4
+    assert calls.count(4) >= 3 and sum(calls) >= 12
