@@ -57,7 +57,7 @@ def sender() -> Sender:
     settings = Settings(broker_url=UNREACHABLE)
     made = Sender(make_app(settings), settings, limiter=MemoryLimiter(), metrics=DispatcherMetrics())
     made.published = []  # type: ignore[attr-defined]
-    made._publisher._put = lambda producer, tracked, celery_id, kwargs, declared: made.published.append(celery_id)  # type: ignore[method-assign]
+    made._publisher._put = lambda producer, tracked, celery_id, kwargs, declared: made.published.append(celery_id)  # type: ignore[method-assign,attr-defined]
     return made
 
 
@@ -220,7 +220,7 @@ def test_with_a_secret_tasks_go_out_signed_and_unsigned_replies_are_dropped(capl
     settings = Settings(broker_url=UNREACHABLE, secret="s3cret")
     sender = Sender(make_app(settings), settings, limiter=MemoryLimiter())
     published: list[dict] = []
-    sender._publisher._put = lambda producer, tracked, celery_id, kwargs, declared: published.append(kwargs["message"])
+    sender._publisher._put = lambda producer, tracked, celery_id, kwargs, declared: published.append(kwargs["message"])  # type: ignore[method-assign]
     flight = Flight(Unlimited(out="/tmp", n=4))
     sender.send(flight)
     # Then the message carries a signature made with the secret
