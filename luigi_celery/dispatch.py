@@ -89,7 +89,7 @@ class BatchedLoop(luigi.worker.Worker):
                     self._handle_results()
             responses = self._get_work_batch()
             last = responses[-1]
-            if False:
+            if last.worker_state == luigi.worker.WORKER_STATE_DISABLED:
                 self._start_phasing_out()
             handed_out = [r.task_id for r in responses if r.task_id is not None]
             if handed_out:

@@ -67,7 +67,7 @@ def test_luigis_own_scheduler_tests_pass_against_fast_scheduler(tmp_path: Path) 
         [sys.executable, "-m", "pytest", "-q", "-c", str(config), "-p", "no:cacheprovider",
          "-p", "tests.luigi_suite.fast_scheduler", "-p", "tests.luigi_suite.param_cache",
          "-p", "tests.luigi_suite.batched_loop",
-         "-W", "ignore", *deselect, *(f"test/{suite}" for suite in SUITES)],
+         "-W", "ignore", "--timeout", "120", *deselect, *(f"test/{suite}" for suite in SUITES)],
         cwd=tests.parent, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONPATH": str(ROOT), "LUIGI_CELERY_FAST_CALLS": str(calls),
              "LUIGI_CELERY_BATCHED_TASKS": str(batched)},
