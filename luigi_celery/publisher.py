@@ -78,7 +78,7 @@ def celery_message(
 ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
     """The body, headers and task-sent event of the Celery message (protocol 2) that runs
     luigi-celery's task with ``kwargs``: what ``Celery.send_task`` builds for them, built here
-    for a quarter of its cost (``test_publisher.py`` holds the two side by side)."""
+    for a quarter of its cost (``tests/test_celery_message.py`` holds the two side by side)."""
     headers = {
         "lang": "py", "task": m.TASK_NAME, "id": celery_id, "shadow": shadow, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [time_limit, soft_time_limit],

@@ -8,12 +8,11 @@ test that runs Luigi's suite can tell that batches were exercised.
 
 from __future__ import annotations
 
-import os
-
 import luigi.worker
 
 from luigi_celery.dispatch import BatchedLoop
 from luigi_celery.scheduler import FastScheduler
+from tests.luigi_suite import report_count
 
 for _name in ("run", "_handle_results", "_get_work_batch", "_work_response"):
     setattr(luigi.worker.Worker, _name, vars(BatchedLoop)[_name])
@@ -35,7 +34,4 @@ FastScheduler.get_work_many = _counted_get_work_many  # type: ignore[method-assi
 
 
 def pytest_unconfigure(config):
-    path = os.environ.get("LUIGI_CELERY_BATCHED_TASKS")
-    if path:
-        with open(path, "w") as out:
-            out.write(str(_batched_tasks))
+    report_count("LUIGI_CELERY_BATCHED_TASKS", _batched_tasks)

@@ -7,11 +7,10 @@ Luigi's suite can tell that the fast path was exercised, not only the fallbacks.
 
 from __future__ import annotations
 
-import os
-
 import luigi.scheduler
 
 from luigi_celery.scheduler import FastScheduler
+from tests.luigi_suite import report_count
 
 luigi.scheduler.Scheduler = FastScheduler  # type: ignore[misc]  # before the test modules import it by name
 
@@ -29,7 +28,4 @@ FastScheduler._get_work = _counted_get_work  # type: ignore[method-assign]
 
 
 def pytest_unconfigure(config):
-    path = os.environ.get("LUIGI_CELERY_FAST_CALLS")
-    if path:
-        with open(path, "w") as out:
-            out.write(str(_fast_calls))
+    report_count("LUIGI_CELERY_FAST_CALLS", _fast_calls)
