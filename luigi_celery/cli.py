@@ -1,10 +1,11 @@
-"""``luigi-celery``: run a pipeline, start a worker, start Flower, check the pool.
+"""``luigi-celery``: run a pipeline, start a worker, start Flower, check the pool, serve the scheduler.
 
 The CLI only parses, builds the settings and calls the library: cli_flags.py
 holds the argument parser and what every command shares, cli_run.py the ``run``
 command, cli_pool.py the commands that serve or probe the pool (``worker``,
-``flower``, ``check``). Here is main(): which command runs, and the one line,
-scrubbed of every password, that an error becomes.
+``flower``, ``check``), cli_scheduler.py the central scheduler (``scheduler``).
+Here is main(): which command runs, and the one line, scrubbed of every
+password, that an error becomes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from luigi_celery.cli_pool import (
     flower_arguments,  # noqa: F401
 )
 from luigi_celery.cli_run import cmd_run
+from luigi_celery.cli_scheduler import cmd_scheduler
 from luigi_celery.errors import LuigiCeleryError
 from luigi_celery.redaction import scrub
 from luigi_celery.settings import SECRET_SETTINGS
@@ -49,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "check" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "scheduler":
+        return cmd_scheduler(args, rest, parser)
     try:
         if args.command == "run":
             return cmd_run(args, rest)

@@ -126,6 +126,47 @@ def _add_connection_flags(parser: argparse.ArgumentParser, queue: bool = True) -
     )
 
 
+def _add_scheduler_command(commands: Any) -> None:
+    scheduler = commands.add_parser(
+        "scheduler",
+        allow_abbrev=False,
+        help="serve Luigi's central scheduler (luigid's API and visualiser), with replicas that take over",
+        description="Luigi's central scheduler: luigid's HTTP API and visualiser, answered by luigi-celery's "
+        "scheduler. Luigi's [scheduler] and [task_history] config apply as to luigid.",
+    )
+    scheduler.add_argument(
+        "--address", type=_address, metavar="ADDR", help="listen on this address (default: every interface)"
+    )
+    scheduler.add_argument(
+        "--port", type=_port, default=8082, metavar="PORT", help="listen on this port (default 8082)"
+    )
+    scheduler.add_argument(
+        "--state-url",
+        metavar="URL",
+        help="redis://... shared by every replica: one leads, the others stand by and take over "
+        f"(env {ENV_PREFIX}SCHEDULER_STATE_URL; default: state in memory, saved to --state-path at exit)",
+    )
+    scheduler.add_argument(
+        "--state-prefix",
+        default="luigi-celery:scheduler",
+        metavar="NAME",
+        help="the Redis keys of this scheduler's state start with NAME (default luigi-celery:scheduler)",
+    )
+    scheduler.add_argument(
+        "--state-path",
+        metavar="FILE",
+        help="without --state-url: the JSON file the state is saved to at exit and loaded from at start "
+        "(default: [scheduler] state_path)",
+    )
+    scheduler.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --state-url: a standby takes over this long after the leader stops answering (default 5)",
+    )
+
+
 def make_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luigi-celery",
@@ -188,6 +229,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "flower", allow_abbrev=False, add_help=False, help="start Flower (flower options follow)"
     )
     _add_connection_flags(flower)
+
+    _add_scheduler_command(commands)
 
     check = commands.add_parser(
         "check", allow_abbrev=False, help="exit 0 when the broker and at least one worker answer"

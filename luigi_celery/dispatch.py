@@ -45,6 +45,7 @@ from luigi_celery.errors import LuigiCeleryError
 from luigi_celery.process import CeleryTaskProcess
 from luigi_celery.progress import ProgressView
 from luigi_celery.scheduler import FastScheduler
+from luigi_celery.scheduler_client import FailoverScheduler, scheduler_urls
 from luigi_celery.sender import Sender
 
 logger = logging.getLogger(__name__)
@@ -362,6 +363,10 @@ class CeleryWorkerSchedulerFactory(luigi.interface._WorkerSchedulerFactory):
     def create_local_scheduler(self) -> FastScheduler:
         # Luigi's own local scheduler, as Luigi builds it, with a get_work that does not grow with the DAG
         return FastScheduler(prune_on_get_work=True, record_task_history=False)
+
+    def create_remote_scheduler(self, url: str) -> FailoverScheduler:
+        # Luigi's RemoteScheduler, over each replica named (URL1,URL2,...), with backoff
+        return FailoverScheduler(scheduler_urls(url))
 
     def create_worker(self, scheduler: Any, worker_processes: int, assistant: bool = False) -> CeleryWorker:
         if self.on_worker is not None:

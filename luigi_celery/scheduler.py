@@ -23,23 +23,89 @@ drives this and Luigi's scheduler through the same random histories and
 compares every reply, and ``scripts/luigi-scheduler-tests`` runs Luigi's own
 scheduler tests against this class.
 
+For ``luigi-celery scheduler`` (scheduler_server.py) it also writes its whole
+state as JSON and reads it back (:meth:`FastScheduler.state_json`,
+:meth:`FastScheduler.restore_state`), and :data:`CLOCK` lets a replica apply
+a call at the time the leader applied it, so both end in the same state.
+
 Like ``dispatch.py`` for the worker, this is the one module that reads the
 scheduler's internals: ``_state`` (``_tasks``, ``_status_tasks``,
-``_active_workers``, ``_task_batchers``), ``_paused``, ``_config``,
+``_active_workers``, ``_task_batchers``), ``_paused``, ``_resources``, ``_config``,
 ``_update_worker``, ``_update_priority``, ``_rank``, ``_schedulable``,
 ``_reset_orphaned_batch_running_tasks`` and ``_update_task_history``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
 import heapq
 import itertools
-import time
+import time as _time
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from luigi import scheduler as luigi_scheduler
 from luigi.task_status import DISABLED, DONE, FAILED, PENDING, RUNNING
+
+STATE_VERSION = 1  # of state_json's format
+
+
+class _Clock:
+    """Stands for the ``time`` module here and in ``luigi.scheduler``: while a call is
+    applied (see :func:`clock_at`), ``time()`` is the call's moment, so the same calls
+    read the same times on every replica."""
+
+    def __init__(self) -> None:
+        self.frozen: float | None = None
+        self.ids = 0  # uuids made during the call
+
+    def time(self) -> float:
+        return _time.time() if self.frozen is None else self.frozen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+
+class _Uuids:
+    """Stands for the ``uuid`` module in ``luigi.scheduler`` (its message ids): while a call
+    is applied, ``uuid4()`` follows from the call's moment, the same on every replica."""
+
+    def uuid4(self) -> uuid.UUID:
+        if CLOCK.frozen is None:
+            return uuid.uuid4()
+        CLOCK.ids += 1
+        digest = hashlib.sha256(f"{CLOCK.frozen!r} {CLOCK.ids}".encode()).digest()
+        return uuid.UUID(bytes=digest[:16], version=4)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(uuid, name)
+
+
+CLOCK = _Clock()
+time = CLOCK  # this module's clock, as luigi.scheduler's once install_clock() ran
+
+
+def install_clock() -> None:
+    """Make Luigi's scheduler read :data:`CLOCK`, and make its ids from it (a scheduler server
+    does, once)."""
+    luigi_scheduler.time = CLOCK  # type: ignore[assignment]
+    luigi_scheduler.uuid = _Uuids()  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def clock_at(moment: float) -> Iterator[None]:
+    """Every scheduler reading of the time inside is ``moment``: applied at the same
+    moment, the same calls leave the same state on every replica."""
+    CLOCK.frozen, CLOCK.ids = moment, 0
+    try:
+        yield
+    finally:
+        CLOCK.frozen = None
+
 
 PRUNE_EVERY = 1.0  # seconds, at least, between two prunes from get_work
 PRUNE_SHARE = 0.05  # and pruning takes at most this share of the time
@@ -48,8 +114,9 @@ PRUNE_SHARE = 0.05  # and pruning takes at most this share of the time
 class _ObservedState(luigi_scheduler.SimpleTaskState):
     """Luigi's task state, telling the scheduler of every change it keeps books on."""
 
-    def __init__(self, state_path: str, on_task: Any, on_worker: Any, on_workers_removed: Any) -> None:
+    def __init__(self, state_path: str, on_task: Any, on_worker: Any, on_workers_removed: Any, on_created: Any) -> None:
         super().__init__(state_path)
+        self._on_created = on_created
         self._on_task = on_task
         self._on_worker = on_worker
         self._on_workers_removed = on_workers_removed
@@ -67,9 +134,19 @@ class _ObservedState(luigi_scheduler.SimpleTaskState):
         super()._remove_workers_from_tasks(workers, remove_stakeholders)
         self._on_workers_removed()
 
+    def get_task(self, task_id: str, default: Any = None, setdefault: Any = None) -> Any:
+        if setdefault is not None and task_id not in self._tasks:
+            self._on_created(task_id)
+        return super().get_task(task_id, default, setdefault)
+
     def get_worker(self, worker_id: str) -> Any:
         if worker_id not in self._active_workers:
             self._on_worker(worker_id)
+            worker = super().get_worker(worker_id)
+            # Luigi breaks ties in rank by the order of this set: its insertion order, the same
+            # on every replica, rather than the order of objects in memory
+            worker.tasks = luigi_scheduler.OrderedSet(worker.tasks)
+            return worker
         return super().get_worker(worker_id)
 
 
@@ -79,16 +156,22 @@ class FastScheduler(luigi_scheduler.Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._changed: set[str] = set()  # task ids whose status, deps, workers or priority changed
-        observed = _ObservedState(self._config.state_path, self._task_changed, self._saw_worker, self._recount)
+        self._order: dict[str, int] = {}  # task id -> when it was created: the last tie-break
+        self._counter = itertools.count()
+        observed = _ObservedState(
+            self._config.state_path, self._task_changed, self._saw_worker, self._recount, self._created
+        )
         observed._metrics_collector = self._state._metrics_collector
         self._state = observed
+        self._reset_bookkeeping()
+
+    def _reset_bookkeeping(self) -> None:
+        self._changed.clear()
         self._solo: str | None = None  # the one worker, while there has only been one
         self._crowded = False  # a second worker came: Luigi's own methods from then on
         self._resources_seen = False  # a task had resources: Luigi's own get_work from then on
         self._ready: list[tuple[Any, ...]] = []  # heap of (-priority, time, order, task id)
         self._queued: dict[str, tuple[Any, ...]] = {}  # task id -> its live entry in the heap
-        self._order: dict[str, int] = {}  # task id -> when it was first seen, the last tie-break
-        self._counter = itertools.count()
         self._blockers: dict[str, list[Any]] = {}  # task id -> [its deps set, as a list, first not DONE]
         self._dependents: defaultdict[str, set[str]] = defaultdict(set)
         self._counted: set[str] = set()  # what count_pending counts: PENDING or FAILED, the solo's
@@ -112,6 +195,9 @@ class FastScheduler(luigi_scheduler.Scheduler):
         if task.status == DISABLED and task.scheduler_disable_time is not None:
             return float(task.scheduler_disable_time + self._config.disable_persist)
         return float("inf")
+
+    def _created(self, task_id: str) -> None:
+        self._order[task_id] = next(self._counter)
 
     def _saw_worker(self, worker_id: str) -> None:
         if self._solo is None:
@@ -145,9 +231,65 @@ class FastScheduler(luigi_scheduler.Scheduler):
 
     def load(self) -> None:
         super().load()
+        self._order = {task_id: n for n, task_id in enumerate(self._state._tasks)}
+        self._counter = itertools.count(len(self._order))
         if self._state._active_workers:
             self._crowded = True  # whose tasks are whose is not worth rebuilding: Luigi's way
         self._changed.update(self._state._tasks)
+
+    # -- the state as JSON (a scheduler server's snapshot; never pickle) ----------------------
+
+    def state_json(self) -> dict[str, Any]:
+        """The scheduler's whole state as plain JSON values: :meth:`restore_state` of it
+        gives a scheduler that answers every call as this one does."""
+        state = self._state
+        return {
+            "version": STATE_VERSION,
+            "tasks": [_plain(vars(task)) for task in state._tasks.values()],
+            "by_status": {status: list(tasks) for status, tasks in state._status_tasks.items() if tasks},
+            "workers": [
+                _plain({**vars(worker), "tasks": [_task_ref(task, state._tasks) for task in worker.tasks]})
+                for worker in state._active_workers.values()
+            ],
+            "batchers": _plain(state._task_batchers),
+            "paused": self._paused,
+            "resources": self._resources,
+            # what decides which code path answers, and when get_work prunes: a restored
+            # scheduler must take the same paths, to read the clock as often
+            "fast": {"solo": self._solo, "crowded": self._crowded, "resources_seen": self._resources_seen,
+                     "pruned_at": self._pruned_at, "prune_gap": self._prune_gap, "retry_due": self._retry_due},
+        }
+
+    def restore_state(self, data: dict[str, Any]) -> None:
+        """Replace the state by one :meth:`state_json` wrote (this scheduler's config stays)."""
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"scheduler state of version {data.get('version')!r}; this one reads {STATE_VERSION}")
+        state = self._state
+        state._tasks = {}
+        for fields in data["tasks"]:
+            task = object.__new__(luigi_scheduler.Task)
+            task.__dict__.update(_unplain(fields))
+            state._tasks[task.id] = task
+        state._status_tasks = collections.defaultdict(dict)
+        for status, task_ids in data["by_status"].items():
+            state._status_tasks[status] = {task_id: state._tasks[task_id] for task_id in task_ids}
+        state._active_workers = {}
+        for fields in data["workers"]:
+            worker = object.__new__(luigi_scheduler.Worker)
+            worker.__dict__.update(_unplain(fields))
+            worker.tasks = luigi_scheduler.OrderedSet(_task_of(ref, state._tasks) for ref in worker.tasks)
+            state._active_workers[worker.id] = worker
+        state._task_batchers = _unplain(data["batchers"])
+        self._paused = data["paused"]
+        self._resources = data["resources"]
+        self._reset_bookkeeping()
+        fast = data["fast"]
+        self._solo, self._crowded, self._resources_seen = fast["solo"], fast["crowded"], fast["resources_seen"]
+        self._pruned_at, self._prune_gap, self._retry_due = fast["pruned_at"], fast["prune_gap"], fast["retry_due"]
+        self._order = {task_id: n for n, task_id in enumerate(state._tasks)}  # (the order they were created)
+        self._counter = itertools.count(len(self._order))
+        self._changed.update(state._tasks)  # the heap, the blockers and the counts follow from the tasks
+        self._recount()
 
     # -- the answers --------------------------------------------------------------------------
 
@@ -292,8 +434,6 @@ class FastScheduler(luigi_scheduler.Scheduler):
         heapq.heappush(self._ready, entry)
 
     def _key(self, task: Any) -> tuple[Any, ...]:
-        if task.id not in self._order:
-            self._order[task.id] = next(self._counter)
         return (-task.priority, task.time, self._order[task.id])
 
     def _deps_done(self, task: Any) -> bool:
@@ -323,3 +463,64 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._counted = {
             task.id for task in self._state.get_active_tasks_by_status(PENDING, FAILED) if self._solo in task.workers
         }
+
+
+# -- state_json's encoding of the types Luigi's state holds beyond JSON's -------------------------
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_str_key(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, luigi_scheduler.RetryPolicy):
+        return {"~retry_policy": list(value)}
+    if isinstance(value, tuple):
+        return {"~tuple": [_plain(item) for item in value]}
+    if isinstance(value, luigi_scheduler.OrderedSet):
+        return {"~ordered_set": [_plain(item) for item in value]}
+    if isinstance(value, (set, frozenset)):
+        return {"~set": sorted(_plain(item) for item in value)}
+    if isinstance(value, collections.deque):
+        return {"~deque": [_plain(item) for item in value], "maxlen": value.maxlen}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"the scheduler's state holds a {type(value).__name__}, which its JSON state does not know")
+
+
+def _task_ref(task: Any, tasks: dict[str, Any]) -> str | dict[str, Any]:
+    """A worker's task: its id, or, for one pruned from the state since (Luigi keeps it in
+    the worker's set), the whole task."""
+    task_id = str(task.id)
+    return task_id if tasks.get(task_id) is task else {"~detached": vars(task)}
+
+
+def _task_of(ref: Any, tasks: dict[str, Any]) -> Any:
+    if isinstance(ref, str):
+        return tasks[ref]
+    task = object.__new__(luigi_scheduler.Task)
+    task.__dict__.update(ref["~detached"])
+    return task
+
+
+def _str_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"the scheduler's state holds a {type(key).__name__} key, which JSON cannot keep")
+    return key
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_unplain(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "~retry_policy" in value:
+        return luigi_scheduler.RetryPolicy(*value["~retry_policy"])
+    if "~tuple" in value:
+        return tuple(_unplain(item) for item in value["~tuple"])
+    if "~ordered_set" in value:
+        return luigi_scheduler.OrderedSet(_unplain(item) for item in value["~ordered_set"])
+    if "~set" in value:
+        return {_unplain(item) for item in value["~set"]}
+    if "~deque" in value:
+        return collections.deque((_unplain(item) for item in value["~deque"]), value["maxlen"])
+    return {key: _unplain(item) for key, item in value.items()}

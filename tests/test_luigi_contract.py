@@ -23,7 +23,9 @@ from typing import ClassVar, cast
 
 import luigi
 import luigi.interface
+import luigi.rpc
 import luigi.scheduler
+import luigi.server
 import luigi.worker
 import pytest
 from luigi.event import Event
@@ -171,8 +173,8 @@ def test_the_command_line_parser_we_read_still_exists():
 
 # The scheduler's internals luigi_celery.scheduler relies on.
 PRIVATE_SCHEDULER_API = (
-    "_state", "_config", "_paused", "_update_worker", "_update_priority", "_rank", "_schedulable",
-    "_reset_orphaned_batch_running_tasks", "_update_task_history",
+    "_state", "_config", "_paused", "_resources", "_update_worker", "_update_priority", "_rank", "_schedulable",
+    "_reset_orphaned_batch_running_tasks", "_update_task_history", "_task_history",
 )  # fmt: skip
 PRIVATE_STATE_API = ("_tasks", "_status_tasks", "_active_workers", "_task_batchers", "_remove_workers_from_tasks",
                      "_metrics_collector")  # fmt: skip
@@ -187,8 +189,34 @@ def test_the_private_scheduler_api_we_use_still_exists():
     # FastScheduler overrides these by name: a rename in Luigi would bypass it silently
     for name in ("add_task", "get_work", "count_pending", "prune", "load", "_update_priority"):
         assert callable(getattr(luigi.scheduler.Scheduler, name)), name
-    for name in ("set_status", "get_worker", "inactivate_tasks"):
+    for name in ("set_status", "get_worker", "get_task", "inactivate_tasks"):
         assert callable(getattr(luigi.scheduler.SimpleTaskState, name)), name
+    assert list(inspect.signature(luigi.scheduler.SimpleTaskState.get_task).parameters) == [
+        "self", "task_id", "default", "setdefault"]  # fmt: skip
+    # the scheduler server: the state it writes as JSON, the clock it stands in for, luigid's app
+    source = inspect.getsource(luigi.scheduler)
+    assert "\nimport time\n" in source and "datetime.now" not in source  # every reading goes through time.time
+    assert "\nimport uuid\n" in source and "random" not in source  # its only other source of chance
+    assert "self._email_batcher.add" in source  # (a replaying standby silences it, and the task history)
+    assert luigi.scheduler.RetryPolicy._fields == ("retry_count", "disable_hard_timeout", "disable_window")
+    assert isinstance(luigi.scheduler.Worker("w").tasks, set)  # (FastScheduler's workers keep an OrderedSet)
+    assert callable(luigi.server.RPCHandler._handle_cors) and list(luigi.server.RPC_METHODS) == list(
+        luigi.scheduler.RPC_METHODS)  # fmt: skip
+    assert "self._cors_config = cors()" in inspect.getsource(luigi.server.RPCHandler.__init__)
+    assert list(inspect.signature(luigi.server.app).parameters) == ["scheduler"]
+
+
+def test_the_private_rpc_client_api_the_failover_scheduler_uses_still_exists():
+    # luigi_celery.scheduler_client overrides RemoteScheduler._fetch and reads what it sets up
+    assert list(inspect.signature(luigi.rpc.RemoteScheduler._fetch).parameters) == ["self", "url_suffix", "body"]
+    assert "self._fetch(url, body)" in inspect.getsource(luigi.rpc.RemoteScheduler._request)
+    client = luigi.rpc.RemoteScheduler("http://127.0.0.1:1")
+    for name in ("_fetcher", "_url", "_connect_timeout", "_rpc_retry_attempts", "_rpc_retry_wait"):
+        assert hasattr(client, name), name
+    assert hasattr(client._fetcher, "raises") and callable(client._fetcher.fetch)
+    assert callable(luigi.rpc._urljoin)
+    assert list(inspect.signature(luigi.interface._WorkerSchedulerFactory.create_remote_scheduler).parameters) == [
+        "self", "url"]  # fmt: skip
 
 
 # --- at run time -------------------------------------------------------------
