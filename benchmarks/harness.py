@@ -21,12 +21,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from celery import Celery
 
 from benchmarks import raw_celery
@@ -42,6 +44,14 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LUIGI_CELERY_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return env
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:  # (urllib's HTTPError, a 503 from a standby, is one)
+        return False
 
 
 def free_port() -> int:
@@ -253,6 +263,30 @@ class Harness:
             yield f"http://127.0.0.1:{port}"
         finally:
             self.procs.stop(proc)
+
+    @contextmanager
+    def scheduler_replicas(self, state_url: str, count: int = 2) -> Iterator[str]:
+        """``count`` replicas of ``luigi-celery scheduler`` sharing a state of their own on
+        ``state_url``; yields the ``--scheduler-url`` that names them all."""
+        prefix = f"lc-bench-scheduler:{uuid.uuid4().hex[:8]}"
+        ports = [free_port() for _ in range(count)]
+        procs = []
+        for i, port in enumerate(ports):
+            command = [str(BIN / "luigi-celery"), "scheduler", "--address", "127.0.0.1", "--port", str(port),
+                       "--state-url", state_url, "--state-prefix", prefix]  # fmt: skip
+            procs.append(self.procs.start(command, self.work / f"scheduler{i}.log"))
+        deadline = time.monotonic() + 60
+        while not any(_http_ok(f"http://127.0.0.1:{port}/readyz") for port in ports):
+            if any(proc.poll() is not None for proc in procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"the scheduler replicas did not start (see {self.work}/scheduler*.log)")
+            time.sleep(0.2)
+        try:
+            yield ",".join(f"http://127.0.0.1:{port}" for port in ports)
+        finally:
+            for proc in procs:
+                self.procs.stop(proc)
+            client = redis.Redis.from_url(state_url)
+            client.delete(*(f"{prefix}:{key}" for key in ("lease", "term", "seq", "log", "snapshot")))
 
     # --- one timed command --------------------------------------------------------
 

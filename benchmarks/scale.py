@@ -98,8 +98,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.harness import BIN, Goal, Harness, Row, Worker, broker_label  # noqa: E402
 
 SHAPES = ("startup", "wide", "layered", "chain", "sleep", "embedded")
-SYSTEMS = ("lc", "lc-rabbitmq", "raw", "raw-rabbitmq", "luigi", "luigid")
-DISPATCHERS = ("lc", "lc-rabbitmq", "luigid")  # luigi-celery over a broker: --inflight tasks in flight
+SYSTEMS = ("lc", "lc-rabbitmq", "raw", "raw-rabbitmq", "luigi", "luigid", "lcsched")
+DISPATCHERS = ("lc", "lc-rabbitmq", "luigid", "lcsched")  # luigi-celery over a broker: --inflight tasks in flight
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 SLEEP_SECONDS = 0.2
 SLEEP_SLOTS = 32
@@ -240,7 +240,7 @@ class Bench:
 
     def dispatcher_tail(self, row: Row) -> list[str]:
         slots = SLEEP_SLOTS if row.shape == "sleep" else self.args.inflight if row.system in DISPATCHERS else 2
-        if row.system == "luigid":
+        if row.system in ("luigid", "lcsched"):
             return ["--workers", str(slots), "--scheduler-url", self.scheduler_url]
         return ["--workers", str(slots), "--local-scheduler"]
 
@@ -278,6 +278,13 @@ class Bench:
                 for size in luigid_sizes:
                     variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}, luigid"
                     row = self.harness.row("wide", size, "luigid", variant)
+                    self.measure(row, self.dispatcher(worker), worker, "wide")
+        if self.wants("wide", "lcsched"):
+            with self.worker("lc", 2) as worker, self.harness.scheduler_replicas(self.args.broker) as urls:
+                self.scheduler_url = urls
+                for size in self.sizes_for("wide", "lcsched"):
+                    variant = f"luigi-celery, redis, 1 worker x2, --workers {self.args.inflight}, scheduler x2"
+                    row = self.harness.row("wide", size, "lcsched", variant)
                     self.measure(row, self.dispatcher(worker), worker, "wide")
         if self.wants("sleep", "lc"):
             with self.worker("lc", SLEEP_SLOTS) as worker:
@@ -352,7 +359,8 @@ class Bench:
 
     def goals(self) -> list[Goal]:
         """The goal rows of issue 13, numbered as its goals are."""
-        return [*self.goal_1(), *self.goal_2(), *self.goal_3(), *self.goal_4(), *self.goal_5(), *self.goal_6()]
+        return [*self.goal_1(), *self.goal_2(), *self.goal_3(), *self.goal_4(), *self.goal_5(), *self.goal_6(),
+                *self.goal_14()]  # fmt: skip
 
     def goal_1(self) -> list[Goal]:
         """Throughput against raw Celery on Redis at the largest N, with either of its settings."""
@@ -436,6 +444,26 @@ class Bench:
         if self.ran("embedded", small, "embedded") and self.ran("wide", small, "luigi"):
             value = ratio(self.seconds("wide", small, "luigi"), self.seconds("embedded", small, "embedded"))
             rows.append(goal("6", "embedded", small, "speed-up, embedded vs luigi --workers 2", value, ">=", 2))
+        return rows
+
+
+    def goal_14(self) -> list[Goal]:
+        """Issue 14's first goal: the central scheduler (two replicas, state on Redis) against
+        the local one, and its linear cost; luigid's figure beside it."""
+        rows = []
+        for system, name in (("luigid", "luigid"), ("lcsched", "luigi-celery scheduler")):
+            for n in self.args.sizes:
+                if self.ran("wide", n, "lc", system):
+                    value = ratio(self.seconds("wide", n, system), self.seconds("wide", n, "lc"))
+                    what = f"time, through {name} / local scheduler"
+                    limit = 1.3
+                    rows.append(goal("14", "wide", n, what, value, "<=", limit) if system == "lcsched" and n == 3000
+                                else ref("14", "wide", n, what, value))  # fmt: skip
+        hi, lo = max(self.args.sizes), min(self.args.sizes)
+        if hi > lo and self.ran("wide", hi, "lcsched") and self.ran("wide", lo, "lcsched"):
+            value = ratio(self.seconds("wide", hi, "lcsched"), self.seconds("wide", lo, "lcsched"))
+            what = f"t({hi}) / t({lo}), through luigi-celery scheduler"
+            rows.append(goal("14", "wide", hi, what, value, "<=", 1.1 * hi / lo))
         return rows
 
 

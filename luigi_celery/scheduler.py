@@ -5,19 +5,20 @@ and counts every pending task (walking its upstream) on each call, and a run
 calls it once per task: a 10,000-task run is quadratic. :class:`FastScheduler`
 gives the same answers from bookkeeping it updates as statuses change:
 
-- a heap of the tasks whose dependencies are all DONE, by Luigi's rank
-  (priority, then the oldest first). An entry is checked again when it
-  reaches the top, and dropped there if it went stale;
+- for each worker, a heap of its tasks whose dependencies are all DONE, by
+  Luigi's rank (priority, then the oldest first, then the first created).
+  An entry is checked again when it reaches the top, and dropped there if
+  it went stale (another worker took the task, say);
 - for each task, where in its dependencies the first one not yet DONE is, so
   a task with thousands of them is not rescanned each time one finishes;
-- the set of tasks ``count_pending`` counts;
+- for each worker, the three numbers ``count_pending`` counts;
 - a prune at most once a second (or less often when pruning is slow), not on
   every call.
 
 It answers from that bookkeeping only where Luigi's own ``get_work`` takes its
-"trivial worker" branch and nothing else is involved: a single worker ever,
-not an assistant, no task with resources, no batcher, not paused (and, for
-the counts, no DISABLED task). Everywhere else it calls Luigi's own method,
+"trivial worker" branch and nothing else is involved: not an assistant, no
+task with resources, no batcher, not paused (and, for the counts, no DISABLED
+task). Any number of workers may share the scheduler, as on a central one. Everywhere else it calls Luigi's own method,
 so those cases are Luigi's by construction. ``tests/test_scheduler.py``
 drives this and Luigi's scheduler through the same random histories and
 compares every reply, and ``scripts/luigi-scheduler-tests`` runs Luigi's own
@@ -114,11 +115,10 @@ PRUNE_SHARE = 0.05  # and pruning takes at most this share of the time
 class _ObservedState(luigi_scheduler.SimpleTaskState):
     """Luigi's task state, telling the scheduler of every change it keeps books on."""
 
-    def __init__(self, state_path: str, on_task: Any, on_worker: Any, on_workers_removed: Any, on_created: Any) -> None:
+    def __init__(self, state_path: str, on_task: Any, on_workers_removed: Any, on_created: Any) -> None:
         super().__init__(state_path)
         self._on_created = on_created
         self._on_task = on_task
-        self._on_worker = on_worker
         self._on_workers_removed = on_workers_removed
 
     def set_status(self, task: Any, new_status: str, config: Any = None) -> None:
@@ -141,7 +141,6 @@ class _ObservedState(luigi_scheduler.SimpleTaskState):
 
     def get_worker(self, worker_id: str) -> Any:
         if worker_id not in self._active_workers:
-            self._on_worker(worker_id)
             worker = super().get_worker(worker_id)
             # Luigi breaks ties in rank by the order of this set: its insertion order, the same
             # on every replica, rather than the order of objects in memory
@@ -158,23 +157,25 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._changed: set[str] = set()  # task ids whose status, deps, workers or priority changed
         self._order: dict[str, int] = {}  # task id -> when it was created: the last tie-break
         self._counter = itertools.count()
-        observed = _ObservedState(
-            self._config.state_path, self._task_changed, self._saw_worker, self._recount, self._created
-        )
+        observed = _ObservedState(self._config.state_path, self._task_changed, self._recount, self._created)
         observed._metrics_collector = self._state._metrics_collector
         self._state = observed
         self._reset_bookkeeping()
 
     def _reset_bookkeeping(self) -> None:
         self._changed.clear()
-        self._solo: str | None = None  # the one worker, while there has only been one
-        self._crowded = False  # a second worker came: Luigi's own methods from then on
         self._resources_seen = False  # a task had resources: Luigi's own get_work from then on
-        self._ready: list[tuple[Any, ...]] = []  # heap of (-priority, time, order, task id)
-        self._queued: dict[str, tuple[Any, ...]] = {}  # task id -> its live entry in the heap
+        # worker id -> heap of (-priority, time, order, task id) of its ready tasks
+        self._ready: defaultdict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        self._queued: dict[tuple[str, str], tuple[Any, ...]] = {}  # (worker, task id) -> its live entry
         self._blockers: dict[str, list[Any]] = {}  # task id -> [its deps set, as a list, first not DONE]
         self._dependents: defaultdict[str, set[str]] = defaultdict(set)
-        self._counted: set[str] = set()  # what count_pending counts: PENDING or FAILED, the solo's
+        # count_pending's numbers, by worker: PENDING or FAILED tasks it has, those it alone has,
+        # those it was the last to add; and what each task adds to them
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._unique: collections.Counter[str] = collections.Counter()
+        self._last: collections.Counter[str] = collections.Counter()
+        self._counts: dict[str, tuple[tuple[str, ...], str]] = {}  # task id -> (its workers, the last)
         self._timed_prune = False  # inside get_work: prune only when one is due
         self._pruned_at = float("-inf")
         self._prune_gap = PRUNE_EVERY
@@ -198,12 +199,6 @@ class FastScheduler(luigi_scheduler.Scheduler):
 
     def _created(self, task_id: str) -> None:
         self._order[task_id] = next(self._counter)
-
-    def _saw_worker(self, worker_id: str) -> None:
-        if self._solo is None:
-            self._solo = worker_id
-        elif worker_id != self._solo:
-            self._crowded = True
 
     def add_task(self, *args: Any, **kwargs: Any) -> None:
         super().add_task(*args, **kwargs)
@@ -231,11 +226,12 @@ class FastScheduler(luigi_scheduler.Scheduler):
 
     def load(self) -> None:
         super().load()
+        self._reset_bookkeeping()
+        self._resources_seen = any(task.resources for task in self._state._tasks.values())
         self._order = {task_id: n for n, task_id in enumerate(self._state._tasks)}
         self._counter = itertools.count(len(self._order))
-        if self._state._active_workers:
-            self._crowded = True  # whose tasks are whose is not worth rebuilding: Luigi's way
-        self._changed.update(self._state._tasks)
+        self._changed.update(self._state._tasks)  # the heaps, the blockers and the counts follow from the tasks
+        self._recount()
 
     # -- the state as JSON (a scheduler server's snapshot; never pickle) ----------------------
 
@@ -256,8 +252,8 @@ class FastScheduler(luigi_scheduler.Scheduler):
             "resources": self._resources,
             # what decides which code path answers, and when get_work prunes: a restored
             # scheduler must take the same paths, to read the clock as often
-            "fast": {"solo": self._solo, "crowded": self._crowded, "resources_seen": self._resources_seen,
-                     "pruned_at": self._pruned_at, "prune_gap": self._prune_gap, "retry_due": self._retry_due},
+            "fast": {"resources_seen": self._resources_seen, "pruned_at": self._pruned_at,
+                     "prune_gap": self._prune_gap, "retry_due": self._retry_due},
         }
 
     def restore_state(self, data: dict[str, Any]) -> None:
@@ -284,11 +280,11 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._resources = data["resources"]
         self._reset_bookkeeping()
         fast = data["fast"]
-        self._solo, self._crowded, self._resources_seen = fast["solo"], fast["crowded"], fast["resources_seen"]
+        self._resources_seen = fast["resources_seen"]
         self._pruned_at, self._prune_gap, self._retry_due = fast["pruned_at"], fast["prune_gap"], fast["retry_due"]
         self._order = {task_id: n for n, task_id in enumerate(state._tasks)}  # (the order they were created)
         self._counter = itertools.count(len(self._order))
-        self._changed.update(state._tasks)  # the heap, the blockers and the counts follow from the tasks
+        self._changed.update(state._tasks)  # the heaps, the blockers and the counts follow from the tasks
         self._recount()
 
     # -- the answers --------------------------------------------------------------------------
@@ -300,7 +296,7 @@ class FastScheduler(luigi_scheduler.Scheduler):
             if self._config.prune_on_get_work:
                 self.prune()
             worker_id = worker
-            if assistant or not self._trivial(worker_id, self._state.get_worker(worker_id)):
+            if worker_id is None or assistant or not self._trivial(worker_id, self._state.get_worker(worker_id)):
                 return super().get_work(
                     host=host, assistant=assistant, current_tasks=current_tasks, worker=worker_id, **kwargs
                 )
@@ -326,7 +322,7 @@ class FastScheduler(luigi_scheduler.Scheduler):
         return replies
 
     def count_pending(self, worker: Any) -> Any:
-        if not self._answers_for(worker) or self._state._status_tasks[DISABLED]:
+        if not self._counts_for(worker):
             return super().count_pending(worker)
         self._absorb_changes()
         state = self._state
@@ -337,21 +333,23 @@ class FastScheduler(luigi_scheduler.Scheduler):
                 more_info = {"task_id": task.id, "worker": str(other_worker)}
                 more_info.update(other_worker.info)
                 running.append(more_info)
-        pending = len(self._counted)  # one worker: every pending task is its alone, and its last
         return {
-            "n_pending_tasks": pending,
-            "n_unique_pending": pending,
-            "n_pending_last_scheduled": pending,
+            "n_pending_tasks": self._pending[worker],
+            "n_unique_pending": self._unique[worker],
+            "n_pending_last_scheduled": self._last[worker],
             "worker_state": state.get_worker(worker).state,
             "running_tasks": running,
         }
 
-    def _answers_for(self, worker_id: str) -> bool:
-        return not self._crowded and worker_id == self._solo
+    def _counts_for(self, worker_id: str) -> bool:
+        """Whether the books count for this worker: an enabled one, whose tasks are those that
+        name it (a disabled worker's were taken from it), and no DISABLED task to look behind."""
+        worker = self._state._active_workers.get(worker_id)
+        return bool(worker is not None and worker.enabled and not self._state._status_tasks[DISABLED])
 
     def _trivial(self, worker_id: str, worker: Any) -> bool:
         """Luigi's trivial-worker branch, and no batcher: what _get_work answers for."""
-        if not self._answers_for(worker_id) or self._paused or self._resources_seen:
+        if self._paused or self._resources_seen:
             return False
         return bool(worker.enabled and not worker.assistant and not self._state._task_batchers.get(worker_id))
 
@@ -386,19 +384,20 @@ class FastScheduler(luigi_scheduler.Scheduler):
     def _best_ready(self, worker_id: str) -> Any:
         """The highest-ranked PENDING task of the worker whose dependencies are all DONE."""
         self._absorb_changes()
-        while self._ready:
-            entry = self._ready[0]
+        ready = self._ready.get(worker_id)
+        while ready:
+            entry = ready[0]
             task_id = entry[-1]
-            if self._queued.get(task_id) is not entry:
-                heapq.heappop(self._ready)  # superseded by a newer entry of the same task
+            if self._queued.get((worker_id, task_id)) is not entry:
+                heapq.heappop(ready)  # superseded by a newer entry of the same task
                 continue
             task = self._state.get_task(task_id)
             if (task is not None and task.status == PENDING and worker_id in task.workers
                     and self._key(task) == entry[:-1] and self._schedulable(task)):  # fmt: skip
                 return task
-            heapq.heappop(self._ready)
-            del self._queued[task_id]
-            if task is not None and task_id in self._blockers:
+            heapq.heappop(ready)
+            del self._queued[(worker_id, task_id)]
+            if task is not None and task.status == PENDING and task_id in self._blockers:
                 self._blockers[task_id][2] = 0  # a dependency went back from DONE: look again from the start
         return None
 
@@ -422,16 +421,15 @@ class FastScheduler(luigi_scheduler.Scheduler):
                         self._consider(dependent)
 
     def _consider(self, task: Any) -> None:
-        """Queue a PENDING task if its dependencies are all DONE (or requeue it at a new rank)."""
+        """Queue a PENDING task for each of its workers if its dependencies are all DONE (or
+        requeue it at a new rank)."""
         if not self._deps_done(task):
             return
-        key = self._key(task)
-        entry = self._queued.get(task.id)
-        if entry is not None and entry[:-1] == key:
-            return
-        entry = (*key, task.id)
-        self._queued[task.id] = entry
-        heapq.heappush(self._ready, entry)
+        entry = (*self._key(task), task.id)
+        for worker_id in task.workers:
+            if self._queued.get((worker_id, task.id)) != entry:
+                self._queued[(worker_id, task.id)] = entry
+                heapq.heappush(self._ready[worker_id], entry)
 
     def _key(self, task: Any) -> tuple[Any, ...]:
         return (-task.priority, task.time, self._order[task.id])
@@ -453,16 +451,35 @@ class FastScheduler(luigi_scheduler.Scheduler):
         return i == len(ordered)
 
     def _count(self, task_id: str, task: Any) -> None:
-        if task is not None and task.status in (PENDING, FAILED) and self._solo in task.workers:
-            self._counted.add(task_id)
-        else:
-            self._counted.discard(task_id)
+        """Take the task's share out of count_pending's numbers, and put its new share in."""
+        before = self._counts.pop(task_id, None)
+        if before is not None:
+            workers, last = before
+            self._pending.subtract(workers)
+            if len(workers) == 1:
+                self._unique[workers[0]] -= 1
+            self._last[last] -= 1
+        if task is not None and task.status in (PENDING, FAILED) and task.workers:
+            workers, last = tuple(task.workers), task.workers.peek(last=True)
+            self._counts[task_id] = (workers, last)
+            self._pending.update(workers)
+            if len(workers) == 1:
+                self._unique[workers[0]] += 1
+            self._last[last] += 1
 
     def _recount(self) -> None:
-        """After workers left tasks (pruned or disabled): which tasks count is not known any more."""
-        self._counted = {
-            task.id for task in self._state.get_active_tasks_by_status(PENDING, FAILED) if self._solo in task.workers
-        }
+        """After workers left tasks (pruned or disabled): count again, and forget the heaps of
+        workers that are gone."""
+        self._pending.clear()
+        self._unique.clear()
+        self._last.clear()
+        self._counts.clear()
+        for task in self._state.get_active_tasks_by_status(PENDING, FAILED):
+            self._count(task.id, task)
+        active = self._state._active_workers
+        for worker_id in [worker_id for worker_id in self._ready if worker_id not in active]:
+            del self._ready[worker_id]
+        self._queued = {key: entry for key, entry in self._queued.items() if key[0] in active}
 
 
 # -- state_json's encoding of the types Luigi's state holds beyond JSON's -------------------------
