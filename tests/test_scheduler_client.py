@@ -6,7 +6,12 @@ test_scheduler_server_e2e.py).
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import http.server
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import pytest
 import requests
@@ -15,7 +20,7 @@ from luigi.rpc import RPCError
 from luigi_celery import scheduler_client
 from luigi_celery.dispatch import CeleryWorkerSchedulerFactory
 from luigi_celery.errors import ConfigError
-from luigi_celery.scheduler_client import FailoverScheduler, scheduler_urls
+from luigi_celery.scheduler_client import FailoverScheduler, KeepAliveFetcher, SchedulerHTTPError, scheduler_urls
 
 
 class Replies:
@@ -95,3 +100,81 @@ def test_the_factory_gives_luigi_a_failover_client_for_each_url_named():
     assert scheduler._urls == ["http://a:1", "http://b:2"]
     with pytest.raises(ConfigError, match="names no URL"):
         scheduler_urls(" , ")
+
+
+class _Scheduler(http.server.BaseHTTPRequestHandler):
+    """A stand-in scheduler: answers each POST with what it got, or the status the path names."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as tornado
+    seen: ClassVar[list[tuple[int, str, str, str | None]]] = []  # (client port, path, body, auth)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        self.seen.append((self.client_address[1], self.path, body, self.headers.get("Authorization")))
+        status = int(self.path.rsplit("/", 1)[-1]) if self.path.rsplit("/", 1)[-1].isdigit() else 200
+        page = b'{"response": "ok"}'
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scheduler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Scheduler.seen.clear()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_fetcher_keeps_one_connection_posts_the_form_and_sends_basic_auth(stand_in):
+    fetcher = KeepAliveFetcher()
+
+    first = fetcher.fetch(f"http://ops:p%40ss@{stand_in}/api/ping", {"data": '{"worker": "w"}'}, 5)
+    fetcher.fetch(f"http://ops:p%40ss@{stand_in}/api/get_work", {"data": "{}"}, 5)
+
+    assert first == '{"response": "ok"}'
+    (port1, path1, body1, auth1), (port2, path2, _, _) = _Scheduler.seen
+    assert port1 == port2  # one kept-alive connection
+    assert (path1, path2) == ("/api/ping", "/api/get_work")
+    assert urllib.parse.parse_qs(body1) == {"data": ['{"worker": "w"}']}
+    assert auth1 == "Basic " + base64.b64encode(b"ops:p@ss").decode()
+
+
+def test_the_fetcher_raises_an_http_status_with_its_code_and_a_new_connection_follows(stand_in):
+    fetcher = KeepAliveFetcher()
+
+    with pytest.raises(SchedulerHTTPError) as refused:
+        fetcher.fetch(f"http://{stand_in}/api/503", {}, 5)
+    fetcher._connections[("http", stand_in)].close()  # (a connection the server dropped)
+    assert fetcher.fetch(f"http://{stand_in}/api/ping", {}, 5) == '{"response": "ok"}'
+
+    assert refused.value.code == 503 and isinstance(refused.value, KeepAliveFetcher.raises)
+    with pytest.raises(KeepAliveFetcher.raises):
+        fetcher.fetch("http://127.0.0.1:1/api/ping", {}, 5)  # nothing listens
+
+
+def test_threads_calling_at_once_each_get_a_connection_of_their_own(stand_in):
+    # Luigi's keep-alive thread pings while the worker's loop calls
+    fetcher, failures = KeepAliveFetcher(), []
+
+    def calls() -> None:
+        try:
+            for _ in range(50):
+                fetcher.fetch(f"http://{stand_in}/api/ping", {}, 5)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            failures.append(e)
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == [] and len(_Scheduler.seen) == 200
+    assert len({port for port, *_ in _Scheduler.seen}) == 4
