@@ -1,6 +1,7 @@
 """The Kubernetes manifests under deploy/kubernetes/: valid against Kubernetes' own schemas (strict),
-KEDA objects with only the fields KEDA documents, and every name they refer to defined in the tree.
-Offline: no cluster, no broker.
+KEDA objects with only the fields KEDA documents, every name they refer to defined in the tree, and
+the workers, the Job, Flower and the central scheduler each set up as they must run. Offline: no
+cluster, no broker.
 
 Each check returns the problems it finds; the last test runs every check on broken copies of the
 manifests, so each one is known to fail when it should.
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from luigi_celery import cli
 from luigi_celery.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +34,23 @@ WORKER = "luigi-celery-worker"
 WORKER_FILE = "worker-deployment.yaml"
 JOB_FILE = "pipeline-job.yaml"
 FLOWER_FILE = "flower.yaml"
+SCHEDULER_FILE = "scheduler.yaml"
 SECRET_FILE = "secret.yaml"
 CONFIGMAP_FILE = "configmap.yaml"
 KUSTOMIZATION = "kustomization.yaml"
 WORKER_METRICS_PORT = 9541
 DISPATCHER_METRICS_PORT = 9540
 FLOWER_PORT = 5555
+# The central scheduler: its port, and the Service dispatchers reach it by (--scheduler-url).
+SCHEDULER_PORT = 8082
+SCHEDULER_SERVICE = "scheduler"
+SCHEDULER_STATE_URL = "LUIGI_CELERY_SCHEDULER_STATE_URL"
 QUEUE_DEPTH_METRIC = "luigi_celery_queue_depth"
 PLACEHOLDER = "REPLACE_ME"
 MIN_GRACE_PERIOD = 600
+# Variables a command reads besides the settings, and what a value must look like:
+# `luigi-celery scheduler` takes its --state-url from the environment too.
+COMMAND_VARIABLES = {SCHEDULER_STATE_URL: re.compile(r"(redis|rediss|unix)://\S+")}
 
 # Not Kubernetes API kinds that kubernetes-validate knows: KEDA's CRDs (checked against KEDA's
 # documented fields below) and kustomize's own file (checked with the cross-references).
@@ -508,6 +518,10 @@ def settings_problems(root: Path) -> list[str]:
     for where, key, value in variables:
         if not key.startswith("LUIGI_CELERY_"):
             continue
+        if key in COMMAND_VARIABLES:
+            if not COMMAND_VARIABLES[key].fullmatch(value):
+                problems.append(f"{where}: {key}={value!r} does not match {COMMAND_VARIABLES[key].pattern}")
+            continue
         if key not in settings:
             problems.append(f"{where}: {key} is not a luigi-celery setting")
             continue
@@ -540,12 +554,8 @@ def worker_problems(root: Path) -> list[str]:
         return [*problems, f"expected one container running `luigi-celery worker`, found {len(workers)}"]
     container = workers[0]
     args = argv(container)
-    resources = mapping(container.get("resources"))
-    for part in ("requests", "limits"):
-        missing = {"cpu", "memory"} - set(mapping(resources.get(part)))
-        if missing:
-            problems.append(f"resources.{part} lacks {sorted(missing)}")
-    cpu = str(mapping(resources.get("requests")).get("cpu", ""))
+    problems += resources_problems(worker, container)
+    cpu = str(mapping(mapping(container.get("resources")).get("requests")).get("cpu", ""))
     concurrency = flag_value(args, "--concurrency")
     if concurrency is not None and cpu.isdigit() and concurrency != cpu:
         problems.append(f"--concurrency {concurrency} does not match the CPU request {cpu}")
@@ -558,12 +568,110 @@ def worker_problems(root: Path) -> list[str]:
         command = " ".join(str(a) for a in items(mapping(mapping(container.get(probe)).get("exec")).get("command")))
         if not re.search(r"luigi-celery check --worker \"?celery@\$\(hostname\)\"?", command):
             problems.append(f"{probe} does not run `luigi-celery check --worker celery@$(hostname)`: {command!r}")
-    non_root = mapping(container.get("securityContext")).get(
-        "runAsNonRoot", mapping(spec.get("securityContext")).get("runAsNonRoot")
-    )
-    if non_root is not True:
-        problems.append("runAsNonRoot is not true")
+    problems += non_root_problems(worker, container)
     problems += metrics_problems(docs, worker, container, WORKER_METRICS_PORT, env_default=True)
+    return problems
+
+
+def resources_problems(doc: Doc, container: dict[str, Any]) -> list[str]:
+    """Requests and limits, of CPU and memory both: the node's room is reserved, and a leak is stopped."""
+    resources = mapping(container.get("resources"))
+    problems = []
+    for part in ("requests", "limits"):
+        missing = {"cpu", "memory"} - set(mapping(resources.get(part)))
+        if missing:
+            problems.append(f"{doc}: resources.{part} lacks {sorted(missing)}")
+    return problems
+
+
+def non_root_problems(doc: Doc, container: dict[str, Any]) -> list[str]:
+    """runAsNonRoot, on the container or else on the pod."""
+    non_root = mapping(container.get("securityContext")).get(
+        "runAsNonRoot", mapping(pod_spec(doc).get("securityContext")).get("runAsNonRoot")
+    )
+    return [] if non_root is True else [f"{doc}: runAsNonRoot is not true"]
+
+
+def http_probe(container: dict[str, Any], probe: str) -> tuple[Any, Any]:
+    """(path, port number) of a container's httpGet probe, a named port resolved; (None, None) if none."""
+    get = mapping(mapping(container.get(probe)).get("httpGet"))
+    if not get:
+        return None, None
+    ports = {mapping(p).get("name"): mapping(p).get("containerPort") for p in items(container.get("ports"))}
+    return get.get("path"), ports.get(get.get("port"), get.get("port"))
+
+
+def pod_labels(doc: Doc) -> dict[str, Any]:
+    return mapping(mapping(pod_template(doc).get("metadata")).get("labels"))
+
+
+def replaces_every_pod_at_once(strategy: dict[str, Any], replicas: int) -> bool:
+    """Whether a Deployment's rollout may stop every old pod before a new one is ready."""
+    if strategy.get("type") == "Recreate":
+        return True
+    unavailable = mapping(strategy.get("rollingUpdate")).get("maxUnavailable", "25%")
+    if isinstance(unavailable, str) and re.fullmatch(r"\d+%", unavailable):
+        return replicas * int(unavailable[:-1]) // 100 >= replicas
+    return isinstance(unavailable, int) and unavailable >= replicas
+
+
+def scheduler_problems(root: Path) -> list[str]:
+    """The central scheduler: replicas that take over from each other; readiness on the leader only
+    (/readyz) and liveness on every replica (/healthz); a rollout that can finish although a standby
+    is never ready; the state URL from a Secret; resources, non-root; and the Service `scheduler`
+    sends traffic to its ready pods alone, on its port."""
+    docs = load(root)
+    scheduler = one(docs, "Deployment", SCHEDULER_FILE)
+    spec = mapping(scheduler.obj.get("spec"))
+    problems: list[str] = []
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 2:
+        problems.append(f"{scheduler}: replicas {replicas!r}: with fewer than 2 no standby takes over")
+    elif not replaces_every_pod_at_once(mapping(spec.get("strategy")), replicas):
+        problems.append(
+            f"{scheduler}: strategy {spec.get('strategy')} keeps a ready pod through a rollout, but a new pod is "
+            "ready only once it leads, after the old leader is gone: the rollout would never end "
+            "(maxUnavailable 100%, or Recreate)"
+        )
+    found = [c for c in containers(scheduler) if argv(c)[:2] == ["luigi-celery", "scheduler"]]
+    if len(found) != 1:
+        return [*problems, f"{scheduler}: expected one container running `luigi-celery scheduler`, found {len(found)}"]
+    container, args = found[0], argv(found[0])
+    port = flag_value(args, "--port") or str(SCHEDULER_PORT)
+    if port != str(SCHEDULER_PORT):
+        problems.append(f"{scheduler}: --port {port}, expected {SCHEDULER_PORT} (the Service's and the dispatchers')")
+    if flag_value(args, "--state-url") is not None:
+        problems.append(f"{scheduler}: the state URL on the command line; give {SCHEDULER_STATE_URL} from a Secret")
+    state = [mapping(v) for v in items(container.get("env")) if mapping(v).get("name") == SCHEDULER_STATE_URL]
+    if len(state) != 1 or "secretKeyRef" not in mapping(state[0].get("valueFrom")):
+        problems.append(f"{scheduler}: {SCHEDULER_STATE_URL} must come from a secretKeyRef (replicas share it)")
+    for probe, expected in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        path, probed = http_probe(container, probe)
+        if path != expected or probed != SCHEDULER_PORT:
+            problems.append(f"{scheduler}: {probe} is not GET {expected} on port {SCHEDULER_PORT}: {path} on {probed}")
+    if http_probe(container, "startupProbe")[0] == "/readyz":
+        problems.append(f"{scheduler}: startupProbe on /readyz: a standby never passes it, and is restarted for good")
+    problems += resources_problems(scheduler, container)
+    problems += non_root_problems(scheduler, container)
+    services = [d for d in find(docs, "Service") if d.name == SCHEDULER_SERVICE]
+    if len(services) != 1:
+        return [*problems, f"expected one Service named {SCHEDULER_SERVICE!r}, found {len(services)}"]
+    service = services[0]
+    service_spec = mapping(service.obj.get("spec"))
+    selector = mapping(service_spec.get("selector"))
+    selected = [d.name for d in find(docs, "Deployment") if selector and selector.items() <= pod_labels(d).items()]
+    if selected != [scheduler.name]:
+        problems.append(f"{service}: selector {selector} selects {selected}, not the scheduler's pods alone")
+    if service_spec.get("publishNotReadyAddresses"):
+        problems.append(f"{service}: publishNotReadyAddresses sends calls to the standby too")
+    declared = {mapping(p).get("name"): mapping(p).get("containerPort") for p in items(container.get("ports"))}
+    routes = {
+        mapping(p).get("port"): declared.get(target, target)
+        for p in items(service_spec.get("ports"))
+        for target in [mapping(p).get("targetPort", mapping(p).get("port"))]
+    }
+    if routes.get(SCHEDULER_PORT) != SCHEDULER_PORT:
+        problems.append(f"{service}: port {SCHEDULER_PORT} does not reach the scheduler's port: {routes}")
     return problems
 
 
@@ -748,6 +856,18 @@ def test_the_job_runs_the_dispatcher_and_flower_is_protected_and_probed():
     assert job_and_flower_problems(MANIFESTS) == []
 
 
+def test_the_scheduler_replicas_take_over_and_its_service_routes_to_the_leader_alone():
+    assert scheduler_problems(MANIFESTS) == []
+
+
+def test_the_scheduler_reads_its_state_url_from_the_variable_the_secret_sets(monkeypatch, capsys):
+    # Given the variable the scheduler's Secret sets, holding no Redis URL
+    monkeypatch.setenv(SCHEDULER_STATE_URL, "http://redis:6379/1")
+    # Then `luigi-celery scheduler` reads it (and refuses it) before it starts anything
+    assert cli.main(["scheduler"]) == 2
+    assert "--state-url must be redis://" in capsys.readouterr().err
+
+
 def test_the_autoscalers_read_the_queue_depth_metric_the_code_exports():
     assert QUEUE_DEPTH_METRIC in string_literals(QUEUES_SOURCE)
     assert metric_problems(MANIFESTS) == []
@@ -835,6 +955,35 @@ BROKEN_COPIES: list[tuple[str, Check, str, str, str, str]] = [
      "                  key: FLOWER_BASIC_AUTH",
      'value: "ops:secret"', "FLOWER_BASIC_AUTH must come from a secretKeyRef"),
     ("Flower probe elsewhere", job_and_flower_problems, FLOWER_FILE, "path: /healthcheck", "path: /", "/healthcheck"),
+    ("scheduler readiness on every replica", scheduler_problems, SCHEDULER_FILE, "path: /readyz",
+     "path: /healthz", "readinessProbe is not GET /readyz"),
+    ("scheduler liveness on the leader only", scheduler_problems, SCHEDULER_FILE,
+     "livenessProbe:\n            httpGet:\n              path: /healthz",
+     "livenessProbe:\n            httpGet:\n              path: /readyz", "livenessProbe is not GET /healthz"),
+    ("scheduler startup probe on /readyz", scheduler_problems, SCHEDULER_FILE,
+     "startupProbe:\n            httpGet:\n              path: /healthz",
+     "startupProbe:\n            httpGet:\n              path: /readyz", "startupProbe on /readyz"),
+    ("scheduler Service selects every pod", scheduler_problems, SCHEDULER_FILE,
+     "    app.kubernetes.io/name: luigi-celery\n    app.kubernetes.io/component: scheduler\n  ports:",
+     "    app.kubernetes.io/name: luigi-celery\n  ports:", "not the scheduler's pods alone"),
+    ("scheduler Service selects the workers", scheduler_problems, SCHEDULER_FILE,
+     "    app.kubernetes.io/component: scheduler\n  ports:", "    app.kubernetes.io/component: worker\n  ports:",
+     "not the scheduler's pods alone"),
+    ("scheduler Service routes to standbys", scheduler_problems, SCHEDULER_FILE, "  type: ClusterIP",
+     "  type: ClusterIP\n  publishNotReadyAddresses: true", "publishNotReadyAddresses"),
+    ("scheduler Service on another port", scheduler_problems, SCHEDULER_FILE, "      port: 8082", "      port: 80",
+     "port 8082 does not reach"),
+    ("one scheduler replica", scheduler_problems, SCHEDULER_FILE, "replicas: 2", "replicas: 1", "replicas 1"),
+    ("scheduler rollout waits for a ready standby", scheduler_problems, SCHEDULER_FILE, "maxUnavailable: 100%",
+     "maxUnavailable: 1", "the rollout would never end"),
+    ("scheduler state URL on the command line", scheduler_problems, SCHEDULER_FILE, '"--port", "8082"]',
+     '"--port", "8082", "--state-url", "redis://:pw@redis:6379/1"]', "the state URL on the command line"),
+    ("scheduler without limits", scheduler_problems, SCHEDULER_FILE,
+     'limits:\n              cpu: "1"\n              memory: 1Gi', "limits: {}", "resources.limits lacks"),
+    ("scheduler as root", scheduler_problems, SCHEDULER_FILE, "runAsNonRoot: true", "runAsNonRoot: false",
+     "runAsNonRoot"),
+    ("scheduler state URL not Redis", settings_problems, SECRET_FILE, 'LUIGI_CELERY_SCHEDULER_STATE_URL: "redis://',
+     'LUIGI_CELERY_SCHEDULER_STATE_URL: "http://', "LUIGI_CELERY_SCHEDULER_STATE_URL='http://:REPLACE_ME"),
     ("HPA on another metric", metric_problems, "hpa.yaml", "name: luigi_celery_queue_depth",
      "name: luigi_celery_queue_length", "'luigi_celery_queue_length'"),
     ("Prometheus query on another metric", metric_problems, "keda-scaledobject-prometheus.yaml",
