@@ -176,6 +176,9 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._unique: collections.Counter[str] = collections.Counter()
         self._last: collections.Counter[str] = collections.Counter()
         self._counts: dict[str, tuple[tuple[str, ...], str]] = {}  # task id -> (its workers, the last)
+        # and the RUNNING tasks count_pending lists, by worker (a dict: in the order they started)
+        self._running: defaultdict[str, dict[str, None]] = defaultdict(dict)
+        self._running_for: dict[str, tuple[str, ...]] = {}  # task id -> the workers it is listed for
         self._timed_prune = False  # inside get_work: prune only when one is due
         self._pruned_at = float("-inf")
         self._prune_gap = PRUNE_EVERY
@@ -327,7 +330,8 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._absorb_changes()
         state = self._state
         running = []
-        for task in state.get_worker(worker).get_tasks(state, RUNNING):
+        for task_id in self._running[worker]:
+            task = state._tasks[task_id]
             other_worker = state.get_worker(task.worker_running)
             if other_worker is not None:
                 more_info = {"task_id": task.id, "worker": str(other_worker)}
@@ -451,7 +455,8 @@ class FastScheduler(luigi_scheduler.Scheduler):
         return i == len(ordered)
 
     def _count(self, task_id: str, task: Any) -> None:
-        """Take the task's share out of count_pending's numbers, and put its new share in."""
+        """Take the task's share out of count_pending's numbers and list of running tasks, and
+        put its new share in."""
         before = self._counts.pop(task_id, None)
         if before is not None:
             workers, last = before
@@ -459,6 +464,12 @@ class FastScheduler(luigi_scheduler.Scheduler):
             if len(workers) == 1:
                 self._unique[workers[0]] -= 1
             self._last[last] -= 1
+        for worker_id in self._running_for.pop(task_id, ()):
+            self._running[worker_id].pop(task_id, None)
+        if task is not None and task.status == RUNNING and task.workers:
+            self._running_for[task_id] = tuple(task.workers)
+            for worker_id in task.workers:
+                self._running[worker_id][task_id] = None
         if task is not None and task.status in (PENDING, FAILED) and task.workers:
             workers, last = tuple(task.workers), task.workers.peek(last=True)
             self._counts[task_id] = (workers, last)
@@ -474,7 +485,9 @@ class FastScheduler(luigi_scheduler.Scheduler):
         self._unique.clear()
         self._last.clear()
         self._counts.clear()
-        for task in self._state.get_active_tasks_by_status(PENDING, FAILED):
+        self._running.clear()
+        self._running_for.clear()
+        for task in self._state.get_active_tasks_by_status(PENDING, FAILED, RUNNING):
             self._count(task.id, task)
         active = self._state._active_workers
         for worker_id in [worker_id for worker_id in self._ready if worker_id not in active]:

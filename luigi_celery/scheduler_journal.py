@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from luigi_celery.errors import LuigiCeleryError
-from luigi_celery.redaction import redact
+from luigi_celery.redaction import redact, scrub
 
 _ACQUIRE = """
 if redis.call('exists', KEYS[1]) == 1 then return false end
@@ -81,7 +81,10 @@ class RedisJournal:
         self.lease_ms = int(lease_seconds * 1000)
         self.owner: str | None = None  # "<term> <replica>" while this replica holds the lease
         # Calls block at most this long: a lost Redis is an error, never a hang.
-        self.redis: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            self.redis: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        except ValueError as e:  # a bad scheme or port; its words may quote a piece of the password
+            raise LuigiCeleryError(f"invalid state URL {redact(url)}: {scrub(str(e), urls=[url])}") from None
         self.keys = {name: f"{prefix}:{name}" for name in ("lease", "term", "seq", "log", "snapshot")}
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)

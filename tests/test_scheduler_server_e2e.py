@@ -233,15 +233,19 @@ def test_bad_calls_get_a_4xx_and_the_server_stays_up(ha):
     assert ha.leader() == leader
 
 
-def test_an_unreachable_state_url_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize(("url", "said"), [
+    ("redis://:hunter2@127.0.0.1:1/0", "does not answer"),
+    ("redis://:hunter2@127.0.0.1:port/0", "invalid state URL"),
+    ("http://:hunter2@127.0.0.1/", "must be redis://"),
+])  # fmt: skip
+def test_an_unreachable_or_bad_state_url_is_one_line_and_exit_2(url, said):
     result = subprocess.run(
-        [str(BIN / "luigi-celery"), "scheduler", "--port", str(free_port()),
-         "--state-url", "redis://:hunter2@127.0.0.1:1/0"],
+        [str(BIN / "luigi-celery"), "scheduler", "--port", str(free_port()), "--state-url", url],
         env=clean_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "luigi-celery scheduler: error:" in lines[0] and "does not answer" in lines[0]
+    assert len(lines) == 1 and "luigi-celery scheduler: error:" in lines[0] and said in lines[0], lines
     assert "hunter2" not in result.stderr
 
 
