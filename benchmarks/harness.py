@@ -28,10 +28,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
 from celery import Celery
 
 from benchmarks import raw_celery
+from luigi_celery.scheduler_journal import RedisJournal
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -285,8 +285,7 @@ class Harness:
         finally:
             for proc in procs:
                 self.procs.stop(proc)
-            client = redis.Redis.from_url(state_url)
-            client.delete(*(f"{prefix}:{key}" for key in ("lease", "term", "seq", "log", "snapshot")))
+            RedisJournal(state_url, prefix, "cleanup", 1).forget()
 
     # --- one timed command --------------------------------------------------------
 

@@ -85,6 +85,7 @@ class RedisJournal:
             self.redis: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         except ValueError as e:  # a bad scheme or port; its words may quote a piece of the password
             raise LuigiCeleryError(f"invalid state URL {redact(url)}: {scrub(str(e), urls=[url])}") from None
+        self.prefix = prefix
         self.keys = {name: f"{prefix}:{name}" for name in ("lease", "term", "seq", "log", "snapshot")}
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
@@ -122,6 +123,11 @@ class RedisJournal:
         if self.owner is not None:
             self._release(keys=[self.keys["lease"]], args=[self.owner])
             self.owner = None
+
+    def forget(self) -> None:
+        """Delete this scheduler's whole state (the lease, the log, the snapshot): for tests and
+        benchmarks that made one of their own."""
+        self.redis.delete(*self.keys.values())
 
     def leader(self) -> str | None:
         """Who holds the lease: ``"<term> <replica>"``, or None."""

@@ -395,7 +395,7 @@ def serve(
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     log.warning("scheduler serving on %s:%s (%s)", address or "*", port,
-                f"state in {journal.keys['log'].rsplit(':', 1)[0]} at {redact(state_url)}" if journal else
+                f"state in {journal.prefix} at {redact(state_url)}" if journal else
                 f"state in memory, saved to {path} at exit")  # fmt: skip
     loop.start()
 

@@ -119,7 +119,7 @@ class _Scheduler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(page)
 
     def log_message(self, *args: object) -> None:
-        pass
+        """Quiet: http.server writes a line to stderr for each request by default."""
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def prefix(brokers) -> Iterator[str]:
     name = f"lc-test-scheduler:{uuid.uuid4().hex[:10]}"
     yield name
     journal = RedisJournal(REDIS_URL, name, "cleanup", 1)
-    journal.redis.delete(*journal.keys.values())
+    journal.forget()
 
 
 def replica(prefix: str, name: str, lease: float = 30) -> Replica:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from luigi_celery.scheduler_journal import RedisJournal
 from tests.conftest import BIN, REDIS_URL, ROOT, clean_env, free_port, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -105,10 +106,7 @@ def replicas(brokers, tmp_path_factory) -> Iterator[Replicas]:
         yield group
     finally:
         group.stop()
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete(*(f"{group.prefix}:{name}" for name in ("lease", "term", "seq", "log", "snapshot")))
+        RedisJournal(REDIS_URL, group.prefix, "cleanup", LEASE).forget()
 
 
 @pytest.fixture

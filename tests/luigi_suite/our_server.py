@@ -53,11 +53,11 @@ def pytest_runtest_teardown(item):
     for leader, began in built:
         if leader.journal is None or STATE_URL is None:
             continue
-        journal = RedisJournal(STATE_URL, leader.journal.keys["log"].rsplit(":", 1)[0], "standby", 3600)
+        journal = RedisJournal(STATE_URL, leader.journal.prefix, "standby", 3600)
         standby = Replica(FastScheduler(config=began["config"], resources=began["resources"]), journal)
         standby.catch_up()
         ours, theirs = leader.scheduler.state_json(), standby.scheduler.state_json()
-        journal.redis.delete(*journal.keys.values())
+        journal.forget()
         _replays += 1
         if ours != theirs:
             pytest.fail(f"{item.nodeid}: a standby replaying the log ended elsewhere than the leader:\n"
